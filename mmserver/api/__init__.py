@@ -1,0 +1,1 @@
+"""HTTP API: the V2 routes and the application factory."""

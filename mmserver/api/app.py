@@ -1,0 +1,101 @@
+"""The application factory: routes, error mapping, and the lifespan that starts and stops models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import MMServerError, MethodNotAllowed, RouteNotFound, http_status
+from ..manager import ModelManager
+from ..runtime import RuntimeRegistry
+from ..settings import Settings
+from . import v2
+
+log = logging.getLogger(__name__)
+
+
+def error_response(error: MMServerError) -> Response:
+    """The one place where an error becomes an HTTP response: ``{"error": message}``."""
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return Response(
+        v2.encode_json({"error": error.message}),
+        status_code=http_status(error),
+        media_type=v2.JSON,
+        headers=headers,
+    )
+
+
+async def _on_server_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, MMServerError):
+        return error_response(exc)
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(
+        v2.encode_json({"error": f"internal server error: {type(exc).__name__}: {exc}"}),
+        status_code=500,
+        media_type=v2.JSON,
+    )
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(RouteNotFound(f"no route for {request.method} {request.url.path}"))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+    return Response(
+        v2.encode_json({"error": exc.detail}), status_code=exc.status_code, media_type=v2.JSON
+    )
+
+
+async def _on_mmserver_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MMServerError)
+    return error_response(exc)
+
+
+def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> Starlette:
+    """Build the ASGI application serving ``settings.model_repository``."""
+    registry = registry or RuntimeRegistry.discover()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(
+            ThreadPoolExecutor(settings.infer_threads, thread_name_prefix="mmserver-worker")
+        )
+        manager = ModelManager(settings, registry)
+        app.state.manager = manager
+        starting = asyncio.create_task(manager.start(), name="load startup models")
+        starting.add_done_callback(_report_startup_failure)
+        try:
+            yield
+        finally:
+            if not starting.done():
+                starting.cancel()
+            await manager.stop()
+
+    app = Starlette(
+        routes=v2.routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            MMServerError: _on_mmserver_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_server_error,
+        },
+    )
+    app.state.settings = settings
+    return app
+
+
+def _report_startup_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("loading the repository failed: %s", task.exception())

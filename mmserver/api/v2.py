@@ -1,0 +1,135 @@
+"""The KServe V2 / Open Inference Protocol REST routes, with the binary tensor data and
+model repository extensions."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .. import __version__
+from ..codec import BINARY_HEADER, decode_request, encode_json, encode_response
+from ..errors import InvalidInput, PayloadTooLarge
+from ..manager import ModelManager
+
+JSON = "application/json"
+INDEX_BODY_LIMIT = 4096
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def json_response(doc: object, status: int = 200) -> Response:
+    return Response(encode_json(doc), status_code=status, media_type=JSON)
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------- health & metadata
+
+
+async def live(request: Request) -> Response:
+    return json_response({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    is_ready = _manager(request).started.is_set()
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+async def server_metadata(request: Request) -> Response:
+    return json_response({"name": "mmserver", "version": __version__, "extensions": EXTENSIONS})
+
+
+async def model_metadata(request: Request) -> Response:
+    params = request.path_params
+    return json_response(_manager(request).metadata(params["name"], params.get("version")))
+
+
+async def model_ready(request: Request) -> Response:
+    params = request.path_params
+    is_ready = _manager(request).is_ready(params["name"], params.get("version"))
+    return json_response({"name": params["name"], "ready": is_ready}, 200 if is_ready else 503)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+async def infer(request: Request) -> Response:
+    body = await read_body(request, request.app.state.settings.max_request_bytes)
+    infer_request = decode_request(body, request.headers.get(BINARY_HEADER))
+    params = request.path_params
+    response = await _manager(request).infer(params["name"], params.get("version"), infer_request)
+    content, header_length = encode_response(response, infer_request)
+    if header_length is None:
+        return Response(content, media_type=JSON)
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": header_length},
+    )
+
+
+# ----------------------------------------------------------------------------- repository extension
+
+
+async def repository_index(request: Request) -> Response:
+    """Every model version; with body ``{"ready": true}`` only the ready ones."""
+    body = await read_body(request, INDEX_BODY_LIMIT)
+    rows = _manager(request).index()
+    if body.strip():
+        try:
+            options = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("the index request body must be JSON, e.g. {\"ready\": true}") from None
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise InvalidInput("the index request body takes one option: {\"ready\": true|false}")
+        if options.get("ready"):
+            rows = [row for row in rows if row["state"] == "READY"]
+    return json_response(rows)
+
+
+async def repository_load(request: Request) -> Response:
+    await _manager(request).load(request.path_params["name"])
+    return json_response({"name": request.path_params["name"], "loaded": True})
+
+
+async def repository_unload(request: Request) -> Response:
+    await _manager(request).unload(request.path_params["name"])
+    return json_response({"name": request.path_params["name"], "unloaded": True})
+
+
+def routes() -> list[BaseRoute]:
+    """Every V2 route."""
+    model = "/v2/models/{name}"
+    versioned = model + "/versions/{version}"
+    return [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route(model, model_metadata, methods=["GET"]),
+        Route(versioned, model_metadata, methods=["GET"]),
+        Route(model + "/ready", model_ready, methods=["GET"]),
+        Route(versioned + "/ready", model_ready, methods=["GET"]),
+        Route(model + "/infer", infer, methods=["POST"]),
+        Route(versioned + "/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST", "GET"]),
+        Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
+    ]

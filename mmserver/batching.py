@@ -1,0 +1,222 @@
+"""Per-model request queue and dynamic batcher, with backpressure.
+
+Each model has one ``Batcher``. Requests wait in a bounded queue; one worker task takes the
+oldest request plus every queued request that may share its batch (same ``batch_key``) up to
+``max_batch_size`` rows, waits at most ``max_delay`` for the batch to fill, and runs it as one
+``LoadedModel.infer`` call. Models that batch by themselves bypass the queue behind a
+concurrency cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .errors import InferenceError, InferenceTimeout, MMServerError, ModelNotReady, Overloaded
+from .runtime import BatchingMode, LoadedModel
+from .types import InferRequest, InferResponse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one model's requests are queued and merged."""
+
+    max_batch_size: int = 32
+    max_delay_s: float = 0.0
+    max_queue: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = ()
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: InferRequest
+    future: asyncio.Future[InferResponse]
+    key: Hashable
+    rows: int
+    enqueued: float
+
+
+class Batcher:
+    """The queue and worker of one loaded model."""
+
+    def __init__(self, model: LoadedModel, policy: BatchPolicy, label: str) -> None:
+        self.model = model
+        self.policy = policy
+        self.label = label
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._running = 0
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        internal = model.batching is BatchingMode.INTERNAL
+        self._direct = asyncio.Semaphore(policy.max_queue) if internal else None
+        self._worker = None if internal else asyncio.create_task(self._work(), name=f"batcher {label}")
+        self._max_rows = 1 if model.batching is BatchingMode.NONE else policy.max_batch_size
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is queued or running."""
+        return bool(self._queue) or self._running > 0
+
+    async def submit(self, request: InferRequest) -> InferResponse:
+        """Queue a request and wait for its response; raises ``Overloaded`` when the queue is full."""
+        if self._closed:
+            raise ModelNotReady(f"model {self.label} is unloading")
+        if self._direct is not None:
+            return await self._submit_direct(request)
+        if len(self._queue) >= self.policy.max_queue:
+            raise Overloaded(
+                f"model {self.label} has {len(self._queue)} requests queued (max_queue "
+                f"{self.policy.max_queue}); retry later",
+                retry_after=1.0,
+            )
+        future = asyncio.get_running_loop().create_future()
+        rows = self.model.rows(request)
+        self._queue.append(_Pending(request, future, self.model.batch_key(request), rows, time.monotonic()))
+        self._idle.clear()
+        self._wakeup.set()
+        if self.policy.timeout_s is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self.policy.timeout_s)
+        except TimeoutError:
+            raise InferenceTimeout(
+                f"model {self.label} did not answer within {self.policy.timeout_s} s"
+            ) from None
+
+    async def _submit_direct(self, request: InferRequest) -> InferResponse:
+        assert self._direct is not None
+        if self._direct.locked():
+            raise Overloaded(f"model {self.label} is at its concurrency cap", retry_after=1.0)
+        async with self._direct:
+            self._running += 1
+            self._idle.clear()
+            try:
+                coro = self.model.infer([request])
+                if self.policy.timeout_s is None:
+                    responses = await coro
+                else:
+                    responses = await asyncio.wait_for(coro, self.policy.timeout_s)
+                return _one_for_one([request], responses)[0]
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+
+    async def drain(self) -> None:
+        """Stop accepting requests and wait until every accepted one has been answered."""
+        self._closed = True
+        await self._idle.wait()
+        if self._worker is not None:
+            self._worker.cancel()
+
+    # ----------------------------------------------------------------- worker
+
+    async def _work(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.policy.max_delay_s > 0:
+                await self._wait_to_fill()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _wait_to_fill(self) -> None:
+        """Wait until the head request's batch is full or its delay has passed."""
+        head = self._queue[0]
+        deadline = head.enqueued + self.policy.max_delay_s
+        while self._rows_for(head.key) < self._max_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _rows_for(self, key: Hashable) -> int:
+        return sum(p.rows for p in self._queue if p.key == key)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Remove and return the head request and the queued requests that can join it."""
+        head = self._queue.popleft()
+        if head.future.done():  # its caller gave up (timeout or disconnect)
+            return []
+        batch, rows = [head], head.rows
+        if rows >= self._max_rows or not self._queue:
+            return batch
+        keep: deque[_Pending] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.key == head.key and rows + item.rows <= self._max_rows:
+                batch.append(item)
+                rows += item.rows
+                if rows == self._max_rows:
+                    break
+            else:
+                keep.append(item)
+        keep.extend(self._queue)
+        self._queue = keep
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        self._running += 1
+        try:
+            await self._run_batch(batch)
+        finally:
+            self._running -= 1
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        """Run one batch; if it fails, rerun its requests one by one so that only the
+        request that caused the failure gets the error."""
+        requests = [p.request for p in batch]
+        try:
+            responses = _one_for_one(requests, await self.model.infer(requests))
+        except Exception as exc:
+            if len(batch) > 1:
+                for pending in batch:
+                    await self._run_batch([pending])
+                return
+            if not isinstance(exc, MMServerError):
+                log.error("model %s failed request %s: %s: %s", self.label,
+                          requests[0].id or "(no id)", type(exc).__name__, exc)
+                exc = InferenceError(f"model {self.label} failed: {type(exc).__name__}: {exc}")
+            _fail(batch, exc)
+        else:
+            for pending, response in zip(batch, responses):
+                if not pending.future.done():
+                    pending.future.set_result(response)
+
+
+def _one_for_one(requests: list[InferRequest], responses: list[InferResponse]) -> list[InferResponse]:
+    if len(responses) != len(requests):
+        raise InferenceError(
+            f"the model returned {len(responses)} responses for {len(requests)} requests"
+        )
+    return responses
+
+
+def _fail(batch: list[_Pending], error: MMServerError) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)

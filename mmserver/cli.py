@@ -1,0 +1,97 @@
+"""Command line: ``mmserver serve [MODEL_REPOSITORY] [--host H] [--port P] [--config FILE] ...``.
+
+Every flag of ``serve`` is generated from a field of ``Settings``, so each setting has exactly
+one flag, one ``MMSERVER_*`` variable and one YAML key, with the same help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+from .errors import InvalidInput
+from .settings import Settings, load_settings
+
+POSITIONAL = "model_repository"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmserver",
+        description="Multi-model inference server (KServe V2 / Open Inference Protocol).",
+    )
+    parser.add_argument("--version", action="version", version=f"mmserver {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve every model in a repository directory",
+        description="Serve every model in MODEL_REPOSITORY over HTTP. Each flag can also be set "
+        "with its MMSERVER_* environment variable or in the YAML file given by --config; "
+        "precedence: flag > environment > file > default.",
+    )
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} [env MMSERVER_{name.upper()}; default: {field.default}]"
+        if name == POSITIONAL:
+            serve.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar="MODEL_REPOSITORY",
+                               help=help_text)
+        elif field.annotation is bool:
+            serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            serve.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                               metavar=name.split("_")[-1].upper(), help=help_text)
+    serve.set_defaults(run=serve_command)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def serve_command(overrides: dict[str, Any]) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    if not settings.model_repository.is_dir():
+        raise InvalidInput(f"model repository {settings.model_repository} is not a directory")
+    logging.getLogger("mmserver").info(
+        "serving %s on http://%s:%d", settings.model_repository.resolve(), settings.host, settings.port
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="auto",
+        http="httptools",
+        access_log=settings.access_log,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    run = args.pop("run", None)
+    args.pop("command", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    try:
+        return run(args)
+    except InvalidInput as exc:
+        print(f"mmserver: {exc.message}", file=sys.stderr)
+        return 2

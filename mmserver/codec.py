@@ -1,0 +1,414 @@
+"""Wire format <-> numpy: V2 JSON bodies, the binary tensor data extension, and row batching helpers.
+
+Decoding validates everything a client can get wrong and raises ``InvalidInput`` naming the
+tensor and the problem; nothing is allocated from a client's claimed size before the claim is
+checked against the bytes actually received.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .errors import InferenceError, InvalidInput
+from .types import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+NUMERIC_DATATYPES = frozenset(DTYPES) - {"BYTES", "BOOL"}
+MAX_DIMS = 32
+BINARY_HEADER = "inference-header-content-length"
+
+_BY_NUMPY: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items() if name != "BYTES"}
+_LENGTH_PREFIX = struct.Struct("<I")
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The V2 datatype name for a numpy array's dtype."""
+    if array.dtype.kind in "OUS":
+        return "BYTES"
+    name = _BY_NUMPY.get(array.dtype)
+    if name is None:
+        raise InferenceError(f"the model produced dtype {array.dtype}, which V2 cannot carry")
+    return name
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    """Decode a V2 inference request body (JSON, optionally followed by binary tensor data)."""
+    json_part, binary = _split_binary(body, header_length)
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object with an 'inputs' list")
+
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    reader = _BinaryReader(binary)
+    inputs: list[InferInput] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_inputs):
+        tensor = _decode_input(raw, index, reader)
+        if tensor.name in seen:
+            raise InvalidInput(f"input '{tensor.name}' is given more than once")
+        seen.add(tensor.name)
+        inputs.append(tensor)
+    reader.finish()
+
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return InferRequest(
+        inputs=inputs,
+        outputs=_decode_outputs(doc.get("outputs")),
+        id=request_id,
+        parameters=_parameters(doc.get("parameters"), "request"),
+    )
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+    if not 0 <= length <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
+        )
+    return body[:length], body[length:]
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"'parameters' of the {where} must be an object")
+    return value
+
+
+def _decode_outputs(value: Any) -> list[RequestedOutput]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidInput("'outputs' must be a list of {\"name\": ...} objects")
+    outputs: list[RequestedOutput] = []
+    seen: set[str] = set()
+    for raw in value:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise InvalidInput("every entry of 'outputs' must be an object with a string 'name'")
+        name = raw["name"]
+        if name in seen:
+            raise InvalidInput(f"output '{name}' is requested more than once")
+        seen.add(name)
+        outputs.append(RequestedOutput(name, _parameters(raw.get("parameters"), f"output '{name}'")))
+    return outputs
+
+
+def _decode_shape(raw: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(raw) > MAX_DIMS:
+        raise InvalidInput(f"input '{name}': shape has {len(raw)} dimensions, at most {MAX_DIMS}")
+    for dim in raw:
+        if type(dim) is not int:
+            raise InvalidInput(f"input '{name}': shape {raw} must hold integers only")
+        if dim < 0:
+            raise InvalidInput(f"input '{name}': shape {raw} has a negative dimension")
+    return tuple(raw)
+
+
+def _decode_input(raw: Any, index: int, reader: _BinaryReader) -> InferInput:
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"inputs[{index}] must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{index}] needs a non-empty string 'name'")
+    datatype = raw.get("datatype")
+    dtype = DTYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidInput(
+            f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}"
+        )
+    shape = _decode_shape(raw.get("shape"), name)
+    count = math.prod(shape)
+    parameters = _parameters(raw.get("parameters"), f"input '{name}'")
+    binary_size = parameters.get("binary_data_size")
+
+    if binary_size is not None:
+        if "data" in raw:
+            raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size")
+        if type(binary_size) is not int or binary_size < 0:
+            raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+        chunk = reader.take(binary_size, name)
+        array = _from_binary(chunk, datatype, dtype, count, name)
+    else:
+        if "data" not in raw:
+            raise InvalidInput(f"input '{name}' has no 'data'")
+        array = _from_json(raw["data"], datatype, dtype, count, name)
+    try:
+        shaped = array.reshape(shape)
+    except ValueError:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} is too large") from None
+    return InferInput(name, datatype, shaped, parameters)
+
+
+def _from_json(data: Any, datatype: str, dtype: np.dtype, count: int, name: str) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_from_json(data, count, name)
+    try:
+        parsed = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input '{name}': 'data' is ragged or not a list of numbers") from None
+    if parsed.size != count:
+        raise InvalidInput(
+            f"input '{name}': shape holds {count} elements but 'data' has {parsed.size}"
+        )
+    if datatype == "UINT64" and parsed.dtype.kind == "f":
+        parsed = _exact_integers(data, name)
+    return _cast(parsed, datatype, dtype, name)
+
+
+def _exact_integers(data: Any, name: str) -> np.ndarray:
+    """numpy parses integers >= 2**63 mixed with smaller ones as float64; keep them exact."""
+    values = np.array(data, dtype=object).reshape(-1)
+    if not all(type(v) is int for v in values):
+        raise InvalidInput(f"input '{name}': UINT64 data must be integers")
+    if values.size and (min(values) < 0 or max(values) >= 2**64):
+        raise InvalidInput(f"input '{name}': a value is out of range for UINT64")
+    return np.array(values.tolist(), dtype=np.uint64)
+
+
+def _cast(parsed: np.ndarray, datatype: str, dtype: np.dtype, name: str) -> np.ndarray:
+    """Cast JSON-parsed values to the declared datatype, refusing lossy or out-of-range values."""
+    kind = parsed.dtype.kind
+    if parsed.size == 0:
+        return parsed.astype(dtype)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidInput(f"input '{name}': BOOL data must be true/false")
+        return parsed
+    if dtype.kind in "iu":
+        if kind not in "iu":
+            raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
+        return parsed.astype(dtype)
+    if kind not in "iuf":
+        raise InvalidInput(f"input '{name}': {datatype} data must be numbers")
+    with np.errstate(over="ignore"):
+        cast = parsed.astype(dtype)
+    if not np.isfinite(cast).all():
+        raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
+    return cast
+
+
+def _bytes_from_json(data: Any, count: int, name: str) -> np.ndarray:
+    flat: list[Any] = []
+    _flatten(data, flat, name, depth=0, widths={})
+    if len(flat) != count:
+        raise InvalidInput(f"input '{name}': shape holds {count} elements but 'data' has {len(flat)}")
+    array = np.empty(count, dtype=object)
+    for i, item in enumerate(flat):
+        if not isinstance(item, str):
+            raise InvalidInput(f"input '{name}': BYTES data must be strings")
+        array[i] = item.encode("utf-8", "surrogatepass")
+    return array
+
+
+def _flatten(data: Any, out: list[Any], name: str, depth: int, widths: dict[int, int]) -> None:
+    """Flatten nested lists into ``out``, refusing ragged nesting (``widths``: length per depth)."""
+    if not isinstance(data, list):
+        if widths.setdefault(depth, -1) != -1:
+            raise InvalidInput(f"input '{name}': 'data' is ragged")
+        out.append(data)
+        return
+    if depth > MAX_DIMS:
+        raise InvalidInput(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
+    if widths.setdefault(depth, len(data)) != len(data):
+        raise InvalidInput(f"input '{name}': 'data' is ragged")
+    for item in data:
+        _flatten(item, out, name, depth + 1, widths)
+
+
+def _from_binary(chunk: bytes, datatype: str, dtype: np.dtype, count: int, name: str) -> np.ndarray:
+    if datatype == "BYTES":
+        return _bytes_from_binary(chunk, count, name)
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidInput(
+            f"input '{name}': binary_data_size is {len(chunk)} bytes but shape and {datatype} "
+            f"need {expected}"
+        )
+    array = np.frombuffer(chunk, dtype=dtype)
+    if datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        raise InvalidInput(f"input '{name}': BOOL bytes must be 0 or 1")
+    return array
+
+
+def _bytes_from_binary(chunk: bytes, count: int, name: str) -> np.ndarray:
+    items: list[bytes] = []
+    offset, end = 0, len(chunk)
+    while offset < end:
+        if offset + 4 > end or len(items) >= count:
+            raise InvalidInput(f"input '{name}': binary BYTES data does not match its shape")
+        (length,) = _LENGTH_PREFIX.unpack_from(chunk, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(f"input '{name}': a binary BYTES element runs past its data")
+        items.append(chunk[offset : offset + length])
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(
+            f"input '{name}': shape holds {count} elements but the binary data has {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+class _BinaryReader:
+    """Hands out consecutive slices of the binary tail of a request."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._offset = 0
+
+    def take(self, size: int, name: str) -> bytes:
+        if self._offset + size > len(self._data):
+            raise InvalidInput(
+                f"input '{name}': binary_data_size {size} runs past the end of the request body"
+            )
+        chunk = self._data[self._offset : self._offset + size]
+        self._offset += size
+        return chunk.tobytes()
+
+    def finish(self) -> None:
+        left = len(self._data) - self._offset
+        if left:
+            raise InvalidInput(f"the request body has {left} bytes of binary data no input claims")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, str | None]:
+    """Encode a response; returns the body and the JSON header length when binary data follows."""
+    wants_binary = _binary_choices(request)
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in response.outputs:
+        array = out.data
+        datatype = out.datatype or datatype_of(array)
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": array.shape}
+        parameters = dict(out.parameters)
+        if wants_binary(out.name):
+            blob = _to_binary(array, datatype)
+            parameters["binary_data_size"] = len(blob)
+            blobs.append(blob)
+        else:
+            entry["data"] = _to_json_data(array, datatype)
+        if parameters:
+            entry["parameters"] = parameters
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    doc["outputs"] = outputs
+    header = orjson.dumps(doc, option=_JSON_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), str(len(header))
+
+
+def _binary_choices(request: InferRequest):
+    default = bool(request.parameters.get("binary_data_output", False))
+    per_output = {
+        out.name: bool(out.parameters["binary_data"])
+        for out in request.outputs
+        if "binary_data" in out.parameters
+    }
+    if not per_output:
+        return lambda _name: default
+    return lambda name: per_output.get(name, default)
+
+
+def _to_json_data(array: np.ndarray, datatype: str) -> Any:
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        return [_text(item) for item in flat.tolist()]
+    if not flat.flags.c_contiguous:
+        flat = np.ascontiguousarray(flat)
+    return flat
+
+
+def _text(item: Any) -> str:
+    if isinstance(item, bytes):
+        return item.decode("utf-8", "replace")
+    return str(item)
+
+
+def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts: list[bytes] = []
+        for item in array.reshape(-1).tolist():
+            raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts.append(_LENGTH_PREFIX.pack(len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
+
+
+def encode_json(doc: Any) -> bytes:
+    """Encode any JSON document the API returns (numpy arrays allowed)."""
+    return orjson.dumps(doc, option=_JSON_OPTS)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def concat_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack several requests' tensors along the first (batch) dimension."""
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays, axis=0)
+
+
+def split_rows(array: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """Split a batched result back into per-request slices of ``counts`` rows each."""
+    rows = array.shape[0] if array.ndim else 1
+    if rows != sum(counts):
+        raise InferenceError(f"the model returned {rows} rows for a batch of {sum(counts)}")
+    if len(counts) == 1:
+        return [array]
+    return np.split(array, np.cumsum(counts)[:-1])

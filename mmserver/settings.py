@@ -1,0 +1,106 @@
+"""Server settings. Precedence: command line > environment (``MMSERVER_*``) > YAML file > defaults.
+
+The YAML file is named by ``--config`` or ``MMSERVER_CONFIG``; ``configs/mmserver.yaml`` documents
+every key. The command-line flags are generated from the fields below, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ByteSize, Field, ValidationError
+import yaml
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import InvalidInput
+
+
+class Settings(BaseSettings):
+    """Every server setting, with its default and the help text the CLI shows."""
+
+    model_config = SettingsConfigDict(env_prefix="MMSERVER_", extra="forbid")
+
+    model_repository: Path = Field(
+        Path("model-repo"), description="Directory holding one folder per model."
+    )
+    config: Path | None = Field(None, description="YAML settings file (see configs/mmserver.yaml).")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port for the API and /metrics.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+    access_log: bool = Field(False, description="Log one line per HTTP request (costs throughput).")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Default rows per batch for models that allow dynamic batching "
+        "(1 turns batching off); model.yaml or model-settings.json override it per model.",
+    )
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Default time the first request of a batch may wait for more rows, in ms. "
+        "0 batches only what is already queued, so a lone client never waits.",
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Default bound on queued requests per model; beyond it: 429."
+    )
+    max_request_bytes: ByteSize = Field(
+        ByteSize(64 * 1024**2),
+        description="Largest request body accepted (bytes or sizes like 64MiB); beyond it: 413.",
+    )
+    load_concurrency: int = Field(
+        2, ge=1, description="How many models load at the same time at startup."
+    )
+    infer_threads: int = Field(
+        8, ge=1, description="Threads that run synchronous model code off the event loop."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = init_settings.init_kwargs.get("config") or env_settings().get("config")
+        if not config_file:
+            return init_settings, env_settings
+        if not Path(config_file).is_file():
+            raise InvalidInput(f"settings file {config_file} does not exist")
+        return init_settings, env_settings, YamlFileSource(settings_cls, Path(config_file))
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """Settings from a YAML mapping; a file that is not one is reported, not raised raw."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"settings file {path} is not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise InvalidInput(f"settings file {path} must be a mapping of setting: value")
+        self.data: dict[str, Any] = data or {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the given (command-line) overrides, the environment and the YAML file."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidInput(f"invalid settings: {problems}") from None

@@ -1,0 +1,96 @@
+"""What the repository knows about a model before it is loaded: its validated configuration.
+
+``ModelConfig`` is the schema of our ``model.yaml``; MLServer's ``model-settings.json`` is mapped
+onto it by the repository. ``ModelSpec`` is one servable (name, version, folder, runtime, config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+
+from .codec import DTYPES
+from .types import TensorSpec
+
+
+class BatchingConfig(BaseModel):
+    """Per-model dynamic batching; unset fields fall back to the server defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=1, description="Rows per batch; 1 = no batching.")
+    max_delay_ms: float | None = Field(None, ge=0, description="How long a batch may wait to fill.")
+    max_queue: int | None = Field(None, ge=1, description="Queued requests before 429.")
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+
+
+class TensorConfig(BaseModel):
+    """An input or output declared in the model's config (overrides what the runtime infers)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unknown datatype {value!r}")
+        return value
+
+    def to_spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+VersionPolicy = Literal["latest", "all"] | int | list[int | str]
+
+
+class ModelConfig(BaseModel):
+    """The schema of ``model.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: str | None = Field(None, description="Runtime name; detected from the files if unset.")
+    uri: str | None = Field(None, description="Model file or folder inside the version folder.")
+    versions: VersionPolicy = Field(
+        "latest", description="Which versions to serve: latest, all, N newest, or a list."
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    memory: ByteSize | None = Field(None, description="Explicit size; overrides the prediction.")
+    load: Literal["startup", "lazy"] = "startup"
+    pinned: bool = False
+    timeout_s: float | None = Field(None, gt=0, description="Per-request inference deadline.")
+    inputs: list[TensorConfig] | None = None
+    outputs: list[TensorConfig] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Runtime options.")
+
+    @field_validator("versions")
+    @classmethod
+    def _positive_count(cls, value: VersionPolicy) -> VersionPolicy:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a version count must be at least 1")
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    """One servable model version, as the repository found it."""
+
+    name: str
+    version: str
+    path: Path
+    runtime: str
+    config: ModelConfig
+    source: str
+
+    @property
+    def artifact(self) -> Path:
+        """The model file (or folder) the runtime should load."""
+        return self.path / self.config.uri if self.config.uri else self.path

@@ -1,0 +1,140 @@
+"""scikit-learn runtime for mmserver: joblib/pickle estimators and pipelines.
+
+Outputs: ``predict`` for every estimator, ``predict_proba`` for classifiers that have it.
+scikit-learn and joblib are imported only when a model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmserver.codec import DTYPES
+from mmserver.errors import ModelLoadError
+from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, files_with_suffix, find_model_file, run_sync
+from mmserver.spec import ModelSpec
+from mmserver.tabular import TabularModel
+from mmserver.types import TensorSpec
+
+SUFFIXES = (".joblib", ".pkl", ".pickle")
+# Estimators whose own predict() is defined as classes_[argmax(predict_proba)]: when both
+# outputs are asked for, one predict_proba call yields both.
+_ARGMAX_OF_PROBA = ("RandomForestClassifier", "ExtraTreesClassifier", "DecisionTreeClassifier",
+                    "ExtraTreeClassifier")
+
+
+class SKLearnRuntime(Runtime):
+    """Loads pickled scikit-learn estimators."""
+
+    name = "sklearn"
+
+    def matches(self, path: Path) -> bool:
+        return bool(files_with_suffix(path, SUFFIXES))
+
+    def estimate(self, spec: ModelSpec) -> dict[str, int]:
+        # A pickled estimator is mostly numpy buffers: memory is close to the file size.
+        return {HOST: int(find_model_file(spec, SUFFIXES).stat().st_size * 1.2)}
+
+    async def load(self, spec: ModelSpec, placement: Placement) -> SKLearnModel:
+        path = find_model_file(spec, SUFFIXES)
+        return await run_sync(_load, path)
+
+
+def _load(path: Path) -> SKLearnModel:
+    with IMPORT_LOCK:
+        import joblib
+
+        estimator = joblib.load(path)
+    if not hasattr(estimator, "predict"):
+        raise ModelLoadError(f"{path.name} holds a {type(estimator).__name__}, which has no predict()")
+    return SKLearnModel(estimator, path.stat().st_size)
+
+
+class SKLearnModel(TabularModel):
+    """A loaded estimator; batches are one predict/predict_proba call."""
+
+    def __init__(self, estimator: Any, host_bytes: int) -> None:
+        self.estimator = estimator
+        final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+        classes = getattr(final, "classes_", None)
+        self.classes = np.asarray(classes) if classes is not None else None
+        label_datatype = _label_datatype(self.classes)
+        self._label_dtype = None if label_datatype == "BYTES" else DTYPES[label_datatype]
+        outputs = [TensorSpec("predict", label_datatype, (-1,))]
+        if self.classes is not None and hasattr(estimator, "predict_proba"):
+            outputs.append(TensorSpec("predict_proba", "FP64", (-1, len(self.classes))))
+        self._argmax_of_proba = (
+            type(final).__name__ in _ARGMAX_OF_PROBA
+            and final is estimator
+            and getattr(final, "n_outputs_", 1) == 1
+        )
+        names = getattr(estimator, "feature_names_in_", None)
+        super().__init__(
+            platform="sklearn",
+            n_features=getattr(estimator, "n_features_in_", None),
+            outputs=outputs,
+            # tree ensembles work in float32; giving them float32 saves a copy per batch
+            input_dtype=np.float32 if hasattr(final, "tree_") or hasattr(final, "estimators_") else np.float64,
+            feature_names=[str(n) for n in names] if names is not None else None,
+            host_bytes=host_bytes,
+            inline_allowed=_library_code_only(estimator),
+            allow_nan=_accepts_missing_values(estimator),
+        )
+
+    def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        result: dict[str, np.ndarray] = {}
+        if "predict_proba" in outputs or ("predict" in outputs and self._argmax_of_proba):
+            proba = self.estimator.predict_proba(matrix)
+            if "predict_proba" in outputs:
+                result["predict_proba"] = proba
+            if "predict" in outputs and self._argmax_of_proba:
+                result["predict"] = self.classes.take(np.argmax(proba, axis=1))
+        if "predict" in outputs and "predict" not in result:
+            result["predict"] = np.asarray(self.estimator.predict(matrix))
+        if "predict" in result and self._label_dtype is not None:
+            result["predict"] = result["predict"].astype(self._label_dtype, copy=False)
+        return result
+
+    async def unload(self) -> None:
+        self.estimator = None
+        await super().unload()
+
+
+def _library_code_only(estimator: Any) -> bool:
+    """Whether predicting runs only scikit-learn's own estimators, with no user-supplied code
+    (custom classes, FunctionTransformer, callables in parameters) that could take unbounded time."""
+    parts = [estimator]
+    if hasattr(estimator, "get_params"):
+        parts.extend(estimator.get_params(deep=True).values())
+    for part in parts:
+        if callable(part) and not hasattr(part, "fit"):
+            return False
+        if hasattr(part, "fit"):
+            cls = type(part)
+            if not cls.__module__.startswith("sklearn.") or cls.__name__ == "FunctionTransformer":
+                return False
+    return True
+
+
+def _accepts_missing_values(estimator: Any) -> bool:
+    """scikit-learn's own tag for estimators that handle NaN (e.g. forests since 1.4)."""
+    try:
+        return bool(estimator.__sklearn_tags__().input_tags.allow_nan)
+    except AttributeError:  # scikit-learn before 1.6 has no tags object
+        return False
+
+
+def _label_datatype(classes: np.ndarray | None) -> str:
+    if classes is None:
+        return "FP64"
+    kind = classes.dtype.kind
+    if kind in "iu":
+        return "INT64"
+    if kind == "b":
+        return "BOOL"
+    if kind == "f":
+        return "FP64"
+    return "BYTES"

@@ -1,0 +1,128 @@
+"""XGBoost runtime for mmserver: native JSON / UBJSON / binary Boosters, including models saved
+through the scikit-learn API (``XGBClassifier.save_model``).
+
+Batches run through ``Booster.inplace_predict`` (no DMatrix per request). Classifiers offer
+``predict`` (labels) and ``predict_proba``, computed from one prediction; other objectives offer
+``predict``. xgboost is imported only when a model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, files_with_suffix, find_model_file, run_sync
+from mmserver.spec import ModelSpec
+from mmserver.tabular import TabularModel
+from mmserver.types import TensorSpec
+
+SUFFIXES = (".ubj", ".bst", ".json", ".model", ".xgb")
+_SNIFF_BYTES = 4096
+_PROBA_OBJECTIVES = ("binary:logistic", "multi:softprob")
+
+
+def is_xgboost_file(path: Path) -> bool:
+    """Whether a file looks like a saved Booster; JSON files must start like one."""
+    if path.suffix != ".json":
+        return True
+    with path.open("rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    return b'"learner"' in head
+
+
+class XGBoostRuntime(Runtime):
+    """Loads saved XGBoost Boosters."""
+
+    name = "xgboost"
+    priority = 10  # a lone model.json is XGBoost's before any other runtime's guess
+
+    def matches(self, path: Path) -> bool:
+        return any(is_xgboost_file(p) for p in files_with_suffix(path, SUFFIXES))
+
+    def estimate(self, spec: ModelSpec) -> dict[str, int]:
+        # JSON is verbose; the in-memory trees are smaller than the text, binary formats are close.
+        return {HOST: int(self._model_file(spec).stat().st_size * 1.2)}
+
+    async def load(self, spec: ModelSpec, placement: Placement) -> XGBoostModel:
+        path = self._model_file(spec)
+        threads = int(spec.config.parameters.get("nthread", min(4, os.cpu_count() or 1)))
+        return await run_sync(_load, path, threads)
+
+    def _model_file(self, spec: ModelSpec) -> Path:
+        return find_model_file(spec, SUFFIXES)
+
+
+def _load(path: Path, threads: int) -> XGBoostModel:
+    with IMPORT_LOCK:
+        import xgboost as xgb
+
+    booster = xgb.Booster()
+    booster.load_model(str(path))
+    booster.set_param({"nthread": threads})
+    return XGBoostModel(booster, path.stat().st_size)
+
+
+class XGBoostModel(TabularModel):
+    """A loaded Booster."""
+
+    def __init__(self, booster: Any, host_bytes: int) -> None:
+        self.booster = booster
+        learner = json.loads(booster.save_config())["learner"]
+        self.objective: str = learner["objective"]["name"]
+        sklearn_meta = _sklearn_attributes(booster)
+        classes = sklearn_meta.get("classes_")
+        n_classes = int(learner["learner_model_param"].get("num_class", "0")) or 2
+        self.classes = np.asarray(classes) if classes is not None else np.arange(n_classes)
+        self.is_classifier = self.objective.startswith(("binary:", "multi:"))
+        outputs = [TensorSpec("predict", "INT64" if self.is_classifier else "FP32", (-1,))]
+        if self.objective in _PROBA_OBJECTIVES:
+            outputs.append(TensorSpec("predict_proba", "FP32", (-1, len(self.classes))))
+        super().__init__(
+            platform="xgboost",
+            n_features=booster.num_features(),
+            outputs=outputs,
+            input_dtype=np.float32,
+            feature_names=booster.feature_names,
+            host_bytes=host_bytes,
+            inline_allowed=True,  # native tree traversal, bounded by the input size
+            allow_nan=True,  # NaN is XGBoost's missing value
+        )
+
+    def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        raw = self.booster.inplace_predict(matrix, validate_features=False)
+        if not self.is_classifier:
+            return {"predict": raw}
+        if self.objective == "binary:logistic":
+            proba = np.column_stack([1.0 - raw, raw])
+        elif self.objective == "multi:softprob":
+            proba = raw
+        else:  # class indices (multi:softmax), 0/1 (binary:hinge) or margins (binary:logitraw)
+            labels = raw > 0 if self.objective == "binary:logitraw" else raw
+            return {"predict": self.classes.take(labels.astype(np.int64)).astype(np.int64, copy=False)}
+        result = {}
+        if "predict" in outputs:
+            result["predict"] = self.classes.take(np.argmax(proba, axis=1)).astype(np.int64, copy=False)
+        if "predict_proba" in outputs:
+            result["predict_proba"] = proba.astype(np.float32, copy=False)
+        return result
+
+    async def unload(self) -> None:
+        self.booster = None
+        await super().unload()
+
+
+def _sklearn_attributes(booster: Any) -> dict[str, Any]:
+    """What ``XGBClassifier.save_model`` stored about the estimator (e.g. ``classes_``)."""
+    raw = booster.attr("scikit_learn")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

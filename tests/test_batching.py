@@ -1,0 +1,225 @@
+"""Unit tests of the per-model queue and dynamic batcher.
+
+``RowEcho`` is a fake: it stands in for a runtime's LoadedModel so the tests can see exactly
+which requests were merged into which ``infer`` call, and make calls fail or stall on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from mmserver.batching import Batcher, BatchPolicy
+from mmserver.codec import concat_rows, split_rows
+from mmserver.errors import InferenceError, InferenceTimeout, ModelNotReady, Overloaded
+from mmserver.runtime import BatchingMode, LoadedModel
+from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata
+
+
+class RowEcho(LoadedModel):
+    """Fake model (stands in for a runtime): returns each row's first value times 10."""
+
+    def __init__(self, batching: BatchingMode = BatchingMode.DYNAMIC, delay: float = 0.0) -> None:
+        self.batching = batching
+        self.delay = delay
+        self.calls: list[list[str | None]] = []
+        self.gate: asyncio.Event | None = None
+
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata("fake", [], [])
+
+    async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        self.calls.append([r.id for r in requests])
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if any(r.parameters.get("fail") for r in requests):
+            raise ValueError("asked to fail")
+        merged = concat_rows([r.inputs[0].data for r in requests])
+        out = merged[:, 0] * 10
+        counts = [r.inputs[0].data.shape[0] for r in requests]
+        return [InferResponse([InferOutput("out", part)]) for part in split_rows(out, counts)]
+
+    async def unload(self) -> None:
+        pass
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
+
+def request(rid: str, rows: list[float], datatype: str = "FP32", **params) -> InferRequest:
+    data = np.array(rows, dtype=np.float32 if datatype == "FP32" else np.float64).reshape(-1, 1)
+    return InferRequest([InferInput("x", datatype, data)], id=rid, parameters=params)
+
+
+def values(response: InferResponse) -> list[float]:
+    return response.outputs[0].data.tolist()
+
+
+async def blocked(batcher: Batcher, model: RowEcho) -> asyncio.Task:
+    """Occupy the batcher with one stalled batch so later requests pile up in the queue."""
+    model.gate = asyncio.Event()
+    first = asyncio.create_task(batcher.submit(request("first", [0.0])))
+    while not model.calls:
+        await asyncio.sleep(0)
+    return first
+
+
+async def test_queued_requests_merge_into_one_call_and_keep_their_rows():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=16), "m:1")
+    first = await blocked(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [i, i + 0.5][: 1 + i % 2]))) for i in range(6)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    await first
+    assert model.calls == [["first"], ["r0", "r1", "r2", "r3", "r4", "r5"]]
+    for i, response in enumerate(results):
+        expected = [i * 10.0, (i + 0.5) * 10][: 1 + i % 2]
+        assert values(response) == expected
+
+
+async def test_batches_never_exceed_max_batch_size_rows():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=4), "m:1")
+    first = await blocked(batcher, model)
+    sizes = [3, 2, 1, 2, 4]
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)] * n))) for i, n in enumerate(sizes)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    await first
+    # r0(3) + r2(1) fill 4; r1(2) + r3(2) fill 4; r4(4) alone
+    assert model.calls[1:] == [["r0", "r2"], ["r1", "r3"], ["r4"]]
+    assert [len(values(r)) for r in results] == sizes
+
+
+async def test_requests_with_different_datatypes_are_not_merged():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=16), "m:1")
+    first = await blocked(batcher, model)
+    tasks = [
+        asyncio.create_task(batcher.submit(request("a", [1.0], "FP32"))),
+        asyncio.create_task(batcher.submit(request("b", [2.0], "FP64"))),
+        asyncio.create_task(batcher.submit(request("c", [3.0], "FP32"))),
+    ]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(*tasks, first)
+    assert model.calls[1:] == [["a", "c"], ["b"]]
+
+
+async def test_a_failing_request_fails_alone_not_its_batch_mates():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=16), "m:1")
+    first = await blocked(batcher, model)
+    before = asyncio.create_task(batcher.submit(request("before", [1.0])))
+    bad = asyncio.create_task(batcher.submit(request("bad", [2.0], fail=True)))
+    after = asyncio.create_task(batcher.submit(request("after", [3.0])))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await first
+    with pytest.raises(InferenceError, match="asked to fail"):
+        await bad
+    assert values(await before) == [10.0]
+    assert values(await after) == [30.0]
+    # the merged batch failed, then each of its requests ran alone
+    assert model.calls[1:] == [["before", "bad", "after"], ["before"], ["bad"], ["after"]]
+    # and the model keeps serving
+    assert values(await batcher.submit(request("next", [4.0]))) == [40.0]
+
+
+async def test_full_queue_answers_overloaded_at_once_with_retry_after():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=1, max_queue=2), "m:1")
+    first = await blocked(batcher, model)
+    queued = [asyncio.create_task(batcher.submit(request(f"q{i}", [1.0]))) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await batcher.submit(request("over", [1.0]))
+    assert info.value.retry_after == 1.0
+    model.gate.set()
+    assert [values(r) for r in await asyncio.gather(*queued)] == [[10.0], [10.0]]
+    await first
+
+
+async def test_max_delay_waits_for_a_fuller_batch_but_not_longer():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=4, max_delay_s=0.05), "m:1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    lone = await batcher.submit(request("lone", [1.0]))
+    waited = loop.time() - started
+    assert values(lone) == [10.0]
+    assert 0.04 <= waited < 0.5
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)]))) for i in range(4)]
+    await asyncio.gather(*tasks)
+    assert model.calls[-1] == ["r0", "r1", "r2", "r3"]
+
+
+async def test_timeout_answers_504_and_the_stale_request_never_runs():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=1, timeout_s=0.05), "m:1")
+    model.gate = asyncio.Event()
+    first = asyncio.create_task(batcher.submit(request("first", [1.0])))
+    late = asyncio.create_task(batcher.submit(request("late", [2.0])))
+    with pytest.raises(InferenceTimeout):
+        await late
+    with pytest.raises(InferenceTimeout):
+        await first
+    model.gate.set()
+    assert values(await batcher.submit(request("next", [3.0]))) == [30.0]
+    assert "late" not in [rid for call in model.calls for rid in call]
+
+
+async def test_drain_answers_every_accepted_request_then_refuses_new_ones():
+    model = RowEcho(delay=0.01)
+    batcher = Batcher(model, BatchPolicy(max_batch_size=2), "m:1")
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)]))) for i in range(7)]
+    await asyncio.sleep(0)
+    await batcher.drain()
+    assert all(t.done() for t in tasks)
+    assert sorted(values(t.result())[0] for t in tasks) == [i * 10.0 for i in range(7)]
+    with pytest.raises(ModelNotReady):
+        await batcher.submit(request("after", [1.0]))
+
+
+async def test_internal_batching_bypasses_the_queue_with_a_concurrency_cap():
+    model = RowEcho(batching=BatchingMode.INTERNAL)
+    batcher = Batcher(model, BatchPolicy(max_queue=2), "m:1")
+    model.gate = asyncio.Event()
+    running = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)]))) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.submit(request("over", [1.0]))
+    model.gate.set()
+    assert [values(r) for r in await asyncio.gather(*running)] == [[0.0], [10.0]]
+    assert model.calls == [["r0"], ["r1"]]
+
+
+async def test_batching_none_sends_one_request_per_call():
+    model = RowEcho(batching=BatchingMode.NONE)
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8), "m:1")
+    first = await blocked(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)]))) for i in range(3)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(*tasks, first)
+    assert model.calls[1:] == [["r0"], ["r1"], ["r2"]]
+
+
+async def test_wrong_number_of_responses_fails_the_batch():
+    class Short(RowEcho):
+        """Fake model (stands in for a broken runtime) that drops the last response."""
+
+        async def infer(self, requests):
+            return (await super().infer(requests))[:-1]
+
+    model = Short()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=1), "m:1")
+    with pytest.raises(InferenceError, match="returned 0 responses for 1 requests"):
+        await batcher.submit(request("r", [1.0]))
