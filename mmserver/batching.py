@@ -23,6 +23,14 @@ from .types import InferRequest, InferResponse
 log = logging.getLogger(__name__)
 
 
+# Adaptive fill: after a batch of k requests, up to k callers are about to send their next
+# request. With no explicit max_delay, the worker waits for that many, but never longer than this
+# share of the model's recent batch time (nor this cap), so a slow model's batches fill up while
+# a lone client (k = 1) never waits.
+ADAPTIVE_FILL_SHARE = 0.2
+ADAPTIVE_FILL_MAX_S = 0.005
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     """How one model's requests are queued and merged."""
@@ -32,6 +40,7 @@ class BatchPolicy:
     max_queue: int = 1024
     preferred_batch_sizes: tuple[int, ...] = ()
     timeout_s: float | None = None
+    adaptive_fill: bool = True
 
 
 @dataclass(slots=True)
@@ -60,6 +69,8 @@ class Batcher:
         self._direct = asyncio.Semaphore(policy.max_queue) if internal else None
         self._worker = None if internal else asyncio.create_task(self._work(), name=f"batcher {label}")
         self._max_rows = 1 if model.batching is BatchingMode.NONE else policy.max_batch_size
+        self._last_batch = 0  # requests in the previous batch
+        self._batch_cost_s = 0.0  # moving average of one batch's run time
 
     @property
     def pending(self) -> int:
@@ -132,17 +143,28 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            head = self._queue[0]
             if self.policy.max_delay_s > 0:
-                await self._wait_to_fill()
+                await self._wait_to_fill(head.enqueued + self.policy.max_delay_s, self._max_rows)
+            elif self.policy.adaptive_fill and self._last_batch > 1:
+                wait = min(ADAPTIVE_FILL_SHARE * self._batch_cost_s, ADAPTIVE_FILL_MAX_S)
+                await self._wait_to_fill(head.enqueued + wait, self._last_batch)
             batch = self._take_batch()
             if batch:
+                self._last_batch = len(batch)
+                started = time.perf_counter()
                 await self._run(batch)
+                cost = time.perf_counter() - started
+                self._batch_cost_s = cost if not self._batch_cost_s else 0.8 * self._batch_cost_s + 0.2 * cost
 
-    async def _wait_to_fill(self) -> None:
-        """Wait until the head request's batch is full or its delay has passed."""
+    async def _wait_to_fill(self, deadline: float, enough: int) -> None:
+        """Wait until the head request's batch holds ``enough`` requests (or the batch's full
+        rows), or ``deadline`` passes."""
         head = self._queue[0]
-        deadline = head.enqueued + self.policy.max_delay_s
-        while self._rows_for(head.key) < self._max_rows:
+        while True:
+            count, rows = self._queued_for(head.key)
+            if count >= enough or rows >= self._max_rows:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -152,8 +174,14 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _rows_for(self, key: Hashable) -> int:
-        return sum(p.rows for p in self._queue if p.key == key)
+    def _queued_for(self, key: Hashable) -> tuple[int, int]:
+        """Requests and rows waiting that could join a batch with ``key``."""
+        count = rows = 0
+        for pending in self._queue:
+            if pending.key == key:
+                count += 1
+                rows += pending.rows
+        return count, rows
 
     def _take_batch(self) -> list[_Pending]:
         """Remove and return the head request and the queued requests that can join it."""

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         help_text = f"{field.description} [env MMSERVER_{name.upper()}; default: {field.default}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if name == POSITIONAL:
             serve.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar="MODEL_REPOSITORY",
                                help=help_text)

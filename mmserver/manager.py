@@ -304,6 +304,7 @@ class ModelManager:
             max_queue=batching.max_queue or s.max_queue,
             preferred_batch_sizes=tuple(batching.preferred_batch_sizes),
             timeout_s=spec.config.timeout_s,
+            adaptive_fill=s.adaptive_fill if batching.adaptive_fill is None else batching.adaptive_fill,
         )
 
 

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         description="Default time the first request of a batch may wait for more rows, in ms. "
         "0 batches only what is already queued, so a lone client never waits.",
     )
+    adaptive_fill: bool = Field(
+        True,
+        description="With no max_delay, wait briefly (at most 20% of the model's recent batch "
+        "time, 5 ms cap) for as many requests as the previous batch held, so closed-loop clients "
+        "batch fully; a lone client never waits.",
+    )
     max_queue: int = Field(
         1024, ge=1, description="Default bound on queued requests per model; beyond it: 429."
     )

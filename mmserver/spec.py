@@ -24,6 +24,7 @@ class BatchingConfig(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, description="Rows per batch; 1 = no batching.")
     max_delay_ms: float | None = Field(None, ge=0, description="How long a batch may wait to fill.")
     max_queue: int | None = Field(None, ge=1, description="Queued requests before 429.")
+    adaptive_fill: bool | None = Field(None, description="See the server setting.")
     preferred_batch_sizes: list[int] = Field(default_factory=list)
 
 

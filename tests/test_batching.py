@@ -223,3 +223,39 @@ async def test_wrong_number_of_responses_fails_the_batch():
     batcher = Batcher(model, BatchPolicy(max_batch_size=1), "m:1")
     with pytest.raises(InferenceError, match="returned 0 responses for 1 requests"):
         await batcher.submit(request("r", [1.0]))
+
+
+async def test_adaptive_fill_waits_for_the_callers_of_the_previous_batch():
+    model = RowEcho(delay=0.05)  # a slow model: 20% of its batch time is a 10 ms fill window
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8), "m:1")
+    first = await blocked(batcher, model)
+    previous = [asyncio.create_task(batcher.submit(request(f"p{i}", [float(i)]))) for i in range(3)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *previous)
+    assert model.calls[-1] == ["p0", "p1", "p2"]
+    # the three callers come back a little apart: they still share one batch
+    returning = [asyncio.create_task(batcher.submit(request("r0", [1.0])))]
+    for i in (1, 2):
+        await asyncio.sleep(0.002)
+        returning.append(asyncio.create_task(batcher.submit(request(f"r{i}", [1.0]))))
+    await asyncio.gather(*returning)
+    assert model.calls[-1] == ["r0", "r1", "r2"]
+    # if only one comes back, it runs once the window has passed
+    assert values(await batcher.submit(request("alone", [2.0]))) == [20.0]
+    assert model.calls[-1] == ["alone"]
+
+
+async def test_explicit_zero_delay_without_adaptive_fill_never_waits():
+    model = RowEcho(delay=0.05)
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, adaptive_fill=False), "m:1")
+    first = await blocked(batcher, model)
+    previous = [asyncio.create_task(batcher.submit(request(f"p{i}", [float(i)]))) for i in range(3)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *previous)
+    early = asyncio.create_task(batcher.submit(request("r0", [1.0])))
+    await asyncio.sleep(0.002)
+    late = asyncio.create_task(batcher.submit(request("r1", [1.0])))
+    await asyncio.gather(early, late)
+    assert model.calls[-2:] == [["r0"], ["r1"]]

@@ -258,7 +258,7 @@ def test_parser_has_a_flag_for_every_setting():
         assert name in by_dest, f"no flag for setting {name}"
         assert flag in by_dest[name].option_strings
         assert f"MMSERVER_{name.upper()}" in by_dest[name].help
-        assert Settings.model_fields[name].description in by_dest[name].help
+        assert Settings.model_fields[name].description.replace("%", "%%") in by_dest[name].help
     positional = by_dest[POSITIONAL]
     assert positional.option_strings == []
     assert positional.nargs == "?"

@@ -12,27 +12,23 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
-from ..errors import MMServerError, MethodNotAllowed, RouteNotFound, http_status
+from ..codec import encode_json
+from ..errors import MethodNotAllowed, MMServerError, RouteNotFound
 from ..manager import ModelManager
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from . import v2
+from .http import JSON, error_parts
+from .infer import InferenceRoute
 
 log = logging.getLogger(__name__)
 
 
 def error_response(error: MMServerError) -> Response:
-    """The one place where an error becomes an HTTP response: ``{"error": message}``."""
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after)))
-    return Response(
-        v2.encode_json({"error": error.message}),
-        status_code=http_status(error),
-        media_type=v2.JSON,
-        headers=headers,
-    )
+    status, headers, body = error_parts(error)
+    return Response(body, status_code=status, headers=headers)
 
 
 async def _on_server_error(request: Request, exc: Exception) -> Response:
@@ -40,9 +36,9 @@ async def _on_server_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(
-        v2.encode_json({"error": f"internal server error: {type(exc).__name__}: {exc}"}),
+        encode_json({"error": f"internal server error: {type(exc).__name__}: {exc}"}),
         status_code=500,
-        media_type=v2.JSON,
+        media_type=JSON,
     )
 
 
@@ -52,9 +48,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
         return error_response(RouteNotFound(f"no route for {request.method} {request.url.path}"))
     if exc.status_code == 405:
         return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
-    return Response(
-        v2.encode_json({"error": exc.detail}), status_code=exc.status_code, media_type=v2.JSON
-    )
+    return Response(encode_json({"error": exc.detail}), status_code=exc.status_code, media_type=JSON)
 
 
 async def _on_mmserver_error(request: Request, exc: Exception) -> Response:
@@ -62,7 +56,7 @@ async def _on_mmserver_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> Starlette:
+def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> ASGIApp:
     """Build the ASGI application serving ``settings.model_repository``."""
     registry = registry or RuntimeRegistry.discover()
 
@@ -93,7 +87,7 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> S
         },
     )
     app.state.settings = settings
-    return app
+    return InferenceRoute(app, app.state)
 
 
 def _report_startup_failure(task: asyncio.Task[None]) -> None:

@@ -9,11 +9,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import __version__
-from ..codec import BINARY_HEADER, decode_request, encode_json, encode_response
-from ..errors import InvalidInput, PayloadTooLarge
+from ..codec import encode_json
+from ..errors import InvalidInput
 from ..manager import ModelManager
+from .http import JSON, read_body
 
-JSON = "application/json"
 INDEX_BODY_LIMIT = 4096
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
@@ -24,21 +24,6 @@ def json_response(doc: object, status: int = 200) -> Response:
 
 def _manager(request: Request) -> ModelManager:
     return request.app.state.manager
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # ----------------------------------------------------------------------------- health & metadata
@@ -68,30 +53,12 @@ async def model_ready(request: Request) -> Response:
     return json_response({"name": params["name"], "ready": is_ready}, 200 if is_ready else 503)
 
 
-# ----------------------------------------------------------------------------- inference
-
-
-async def infer(request: Request) -> Response:
-    body = await read_body(request, request.app.state.settings.max_request_bytes)
-    infer_request = decode_request(body, request.headers.get(BINARY_HEADER))
-    params = request.path_params
-    response = await _manager(request).infer(params["name"], params.get("version"), infer_request)
-    content, header_length = encode_response(response, infer_request)
-    if header_length is None:
-        return Response(content, media_type=JSON)
-    return Response(
-        content,
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": header_length},
-    )
-
-
 # ----------------------------------------------------------------------------- repository extension
 
 
 async def repository_index(request: Request) -> Response:
     """Every model version; with body ``{"ready": true}`` only the ready ones."""
-    body = await read_body(request, INDEX_BODY_LIMIT)
+    body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT)
     rows = _manager(request).index()
     if body.strip():
         try:
@@ -116,7 +83,7 @@ async def repository_unload(request: Request) -> Response:
 
 
 def routes() -> list[BaseRoute]:
-    """Every V2 route."""
+    """Every V2 route but inference, which ``infer.InferenceRoute`` serves ahead of these."""
     model = "/v2/models/{name}"
     versioned = model + "/versions/{version}"
     return [
@@ -127,8 +94,6 @@ def routes() -> list[BaseRoute]:
         Route(versioned, model_metadata, methods=["GET"]),
         Route(model + "/ready", model_ready, methods=["GET"]),
         Route(versioned + "/ready", model_ready, methods=["GET"]),
-        Route(model + "/infer", infer, methods=["POST"]),
-        Route(versioned + "/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST", "GET"]),
         Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
