@@ -43,9 +43,14 @@ class BatchingMode(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where the memory manager wants a model: ``cpu`` or a GPU such as ``cuda:0``."""
+    """Where the memory manager wants a model: ``cpu`` or a GPU as torch names it (``cuda:0``,
+    an index into CUDA_VISIBLE_DEVICES). Memory figures use the same device names."""
 
     device: str = HOST
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 class LoadedModel(ABC):
@@ -83,6 +88,19 @@ class LoadedModel(ABC):
     @abstractmethod
     def memory(self) -> dict[str, int]:
         """Bytes the model occupies per device (``cpu``, ``cuda:N``)."""
+
+    @property
+    def can_offload(self) -> bool:
+        """Whether ``offload``/``restore`` move the model to host memory and back (host tier)."""
+        return False
+
+    async def offload(self) -> None:
+        """Move the model's device memory to (pinned) host memory, freeing the device."""
+        raise TypeError(f"{type(self).__name__} has no host tier (can_offload is False)")
+
+    async def restore(self, placement: Placement) -> None:
+        """Bring an offloaded model back onto ``placement``'s device."""
+        raise TypeError(f"{type(self).__name__} has no host tier (can_offload is False)")
 
 
 class Runtime(ABC):
