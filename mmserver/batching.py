@@ -3,8 +3,9 @@
 Each model has one ``Batcher``. Requests wait in a bounded queue; one worker task takes the
 oldest request plus every queued request that may share its batch (same ``batch_key``) up to
 ``max_batch_size`` rows, waits at most ``max_delay`` for the batch to fill, and runs it as one
-``LoadedModel.infer`` call. Models that batch by themselves bypass the queue behind a
-concurrency cap.
+``LoadedModel.infer`` call. A request whose deadline passed or whose client went away is
+dropped before it runs, never from a running batch. Models that batch by themselves bypass the
+queue behind a concurrency cap.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from .errors import InferenceError, InferenceTimeout, MMServerError, ModelNotReady, Overloaded
+from .errors import (
+    ClientDisconnected,
+    InferenceError,
+    InferenceTimeout,
+    MMServerError,
+    ModelNotReady,
+    Overloaded,
+)
+from .metrics import ModelMetrics, NoMetrics
 from .runtime import BatchingMode, LoadedModel
 from .types import InferRequest, InferResponse
 
@@ -50,15 +59,32 @@ class _Pending:
     key: Hashable
     rows: int
     enqueued: float
+    deadline: float | None
+    is_gone: Callable[[], bool] | None
+
+    def dropped(self, now: float) -> bool:
+        """Whether the request must not run: answered already, expired, or its client left."""
+        if self.future.done():
+            return True
+        if self.deadline is not None and now >= self.deadline:
+            self.future.set_exception(InferenceTimeout("the request's deadline passed while it was queued"))
+            return True
+        if self.is_gone is not None and self.is_gone():
+            self.future.set_exception(ClientDisconnected("the client disconnected"))
+            return True
+        return False
 
 
 class Batcher:
     """The queue and worker of one loaded model."""
 
-    def __init__(self, model: LoadedModel, policy: BatchPolicy, label: str) -> None:
+    def __init__(
+        self, model: LoadedModel, policy: BatchPolicy, label: str, metrics: ModelMetrics | None = None
+    ) -> None:
         self.model = model
         self.policy = policy
         self.label = label
+        self.metrics = metrics or NoMetrics()
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._running = 0
@@ -82,12 +108,25 @@ class Batcher:
         """Whether any request is queued or running."""
         return bool(self._queue) or self._running > 0
 
-    async def submit(self, request: InferRequest) -> InferResponse:
-        """Queue a request and wait for its response; raises ``Overloaded`` when the queue is full."""
+    async def submit(
+        self,
+        request: InferRequest,
+        deadline: float | None = None,
+        is_gone: Callable[[], bool] | None = None,
+    ) -> InferResponse:
+        """Queue a request and wait for its response.
+
+        ``deadline`` (``time.monotonic()`` seconds) and the model's ``timeout_s``, whichever is
+        sooner, bound the wait: past it the caller gets ``InferenceTimeout``. ``is_gone`` tells
+        whether the client has disconnected. Raises ``Overloaded`` when the queue is full.
+        """
         if self._closed:
             raise ModelNotReady(f"model {self.label} is unloading")
+        if self.policy.timeout_s is not None:
+            model_deadline = time.monotonic() + self.policy.timeout_s
+            deadline = model_deadline if deadline is None else min(deadline, model_deadline)
         if self._direct is not None:
-            return await self._submit_direct(request)
+            return await self._submit_direct(request, deadline)
         if len(self._queue) >= self.policy.max_queue:
             raise Overloaded(
                 f"model {self.label} has {len(self._queue)} requests queued (max_queue "
@@ -95,20 +134,17 @@ class Batcher:
                 retry_after=1.0,
             )
         future = asyncio.get_running_loop().create_future()
-        rows = self.model.rows(request)
-        self._queue.append(_Pending(request, future, self.model.batch_key(request), rows, time.monotonic()))
+        now = time.monotonic()
+        self._queue.append(_Pending(
+            request, future, self.model.batch_key(request), self.model.rows(request), now, deadline, is_gone
+        ))
         self._idle.clear()
         self._wakeup.set()
-        if self.policy.timeout_s is None:
+        if deadline is None:
             return await future
-        try:
-            return await asyncio.wait_for(future, self.policy.timeout_s)
-        except TimeoutError:
-            raise InferenceTimeout(
-                f"model {self.label} did not answer within {self.policy.timeout_s} s"
-            ) from None
+        return await _before(future, deadline, self.label)
 
-    async def _submit_direct(self, request: InferRequest) -> InferResponse:
+    async def _submit_direct(self, request: InferRequest, deadline: float | None) -> InferResponse:
         assert self._direct is not None
         if self._direct.locked():
             raise Overloaded(f"model {self.label} is at its concurrency cap", retry_after=1.0)
@@ -116,11 +152,8 @@ class Batcher:
             self._running += 1
             self._idle.clear()
             try:
-                coro = self.model.infer([request])
-                if self.policy.timeout_s is None:
-                    responses = await coro
-                else:
-                    responses = await asyncio.wait_for(coro, self.policy.timeout_s)
+                work = asyncio.ensure_future(self.model.infer([request]))
+                responses = await (work if deadline is None else _before(work, deadline, self.label))
                 return _one_for_one([request], responses)[0]
             finally:
                 self._running -= 1
@@ -184,28 +217,43 @@ class Batcher:
         return count, rows
 
     def _take_batch(self) -> list[_Pending]:
-        """Remove and return the head request and the queued requests that can join it."""
+        """Remove and return the head request and the queued requests that can join it,
+        trimmed to a preferred batch size when one fits."""
+        now = time.monotonic()
         head = self._queue.popleft()
-        if head.future.done():  # its caller gave up (timeout or disconnect)
+        if head.dropped(now):
             return []
         batch, rows = [head], head.rows
-        if rows >= self._max_rows or not self._queue:
-            return batch
-        keep: deque[_Pending] = deque()
-        while self._queue:
-            item = self._queue.popleft()
-            if item.future.done():
-                continue
-            if item.key == head.key and rows + item.rows <= self._max_rows:
-                batch.append(item)
-                rows += item.rows
-                if rows == self._max_rows:
-                    break
-            else:
-                keep.append(item)
-        keep.extend(self._queue)
-        self._queue = keep
+        if rows < self._max_rows and self._queue:
+            keep: deque[_Pending] = deque()
+            while self._queue:
+                item = self._queue.popleft()
+                if item.dropped(now):
+                    continue
+                if item.key == head.key and rows + item.rows <= self._max_rows:
+                    batch.append(item)
+                    rows += item.rows
+                    if rows == self._max_rows:
+                        break
+                else:
+                    keep.append(item)
+            keep.extend(self._queue)
+            self._queue = keep
+        if self.policy.preferred_batch_sizes:
+            self._trim_to_preferred(batch, rows)
         return batch
+
+    def _trim_to_preferred(self, batch: list[_Pending], rows: int) -> None:
+        """Give back the newest requests until the batch has the largest preferred size that
+        fits (when one does); they lead the next batch."""
+        fitting = [size for size in self.policy.preferred_batch_sizes if size <= rows]
+        if not fitting:
+            return
+        target = max(fitting)
+        while rows > target and len(batch) > 1:
+            item = batch.pop()
+            rows -= item.rows
+            self._queue.appendleft(item)
 
     async def _run(self, batch: list[_Pending]) -> None:
         self._running += 1
@@ -218,8 +266,12 @@ class Batcher:
         """Run one batch; if it fails, rerun its requests one by one so that only the
         request that caused the failure gets the error."""
         requests = [p.request for p in batch]
+        started = time.monotonic()
         try:
             responses = _one_for_one(requests, await self.model.infer(requests))
+            self.metrics.batch(
+                sum(p.rows for p in batch), [started - p.enqueued for p in batch], time.monotonic() - started
+            )
         except Exception as exc:
             if len(batch) > 1:
                 for pending in batch:
@@ -234,6 +286,23 @@ class Batcher:
             for pending, response in zip(batch, responses):
                 if not pending.future.done():
                     pending.future.set_result(response)
+
+
+async def _before(waitable: asyncio.Future[InferResponse], deadline: float, label: str) -> InferResponse:
+    """Await a result until ``deadline``; past it the caller gets ``InferenceTimeout`` while the
+    work itself goes on undisturbed (a running batch is never cut)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(waitable), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        if not waitable.done():
+            waitable.add_done_callback(_consume_result)
+        raise InferenceTimeout(f"model {label} did not answer before the request's deadline") from None
+
+
+def _consume_result(future: asyncio.Future[InferResponse]) -> None:
+    """Retrieve a late result nobody waits for, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _one_for_one(requests: list[InferRequest], responses: list[InferResponse]) -> list[InferResponse]:

@@ -52,6 +52,10 @@ class InferenceTimeout(MMServerError):
     """The request's deadline passed before its result was ready."""
 
 
+class ClientDisconnected(MMServerError):
+    """The client went away before its request ran; nothing is sent back."""
+
+
 class Unauthorized(MMServerError):
     """Missing or wrong credentials."""
 
@@ -72,6 +76,7 @@ HTTP_STATUS: dict[type[MMServerError], int] = {
     MethodNotAllowed: 405,
     PayloadTooLarge: 413,
     Overloaded: 429,
+    ClientDisconnected: 499,
     InferenceError: 500,
     ModelLoadError: 500,
     ModelNotReady: 503,

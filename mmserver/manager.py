@@ -11,12 +11,14 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
 from .errors import MMServerError, ModelLoadError, ModelNotFound, ModelNotReady
 from .memory import MemoryLedger, format_bytes
+from .metrics import Metrics, ModelMetrics, ModelSnapshot, NoMetrics, ServerSnapshot
 from .repository import Repository, RepositoryModel
 from .runtime import LoadedModel, Placement, RuntimeRegistry
 from .settings import Settings
@@ -41,6 +43,8 @@ class ModelEntry:
     served: bool = True
     unloaded_by_operator: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    waiting: int = 0  # requests waiting for the model to finish loading
+    metrics: ModelMetrics = field(default_factory=NoMetrics)
 
     @property
     def key(self) -> str:
@@ -50,10 +54,18 @@ class ModelEntry:
 class ModelManager:
     """Owns every model the repository describes."""
 
-    def __init__(self, settings: Settings, registry: RuntimeRegistry, ledger: MemoryLedger | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: RuntimeRegistry,
+        metrics: Metrics | None = None,
+        ledger: MemoryLedger | None = None,
+    ) -> None:
         self.settings = settings
         self.repository = Repository(settings.model_repository, registry)
         self.registry = registry
+        self.metrics = metrics or Metrics(enabled=False)
+        self.metrics.set_snapshot(self.snapshot)
         self.ledger = ledger or MemoryLedger()
         self.started = asyncio.Event()
         self._models: dict[str, dict[str, ModelEntry]] = {}
@@ -137,18 +149,40 @@ class ModelManager:
                 rows.append(row)
         return rows
 
+    def snapshot(self) -> ServerSnapshot:
+        """State, queue depth and memory of every model version (for scrape-time metrics)."""
+        models = [
+            ModelSnapshot(
+                entry.name,
+                entry.version,
+                entry.state.value,
+                entry.batcher.pending if entry.batcher else 0,
+                self.ledger.held(entry.key),
+            )
+            for versions in self._models.values()
+            for entry in versions.values()
+            if entry.spec is not None
+        ]
+        return ServerSnapshot(models, dict(self.ledger.budgets))
+
     # ------------------------------------------------------------------ inference
 
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        """Run one request through its model's queue; loads a lazy model on first use."""
-        entry = self.entry(name, version)
+    async def infer(
+        self,
+        entry: ModelEntry,
+        request: InferRequest,
+        deadline: float | None = None,
+        is_gone: Callable[[], bool] | None = None,
+    ) -> InferResponse:
+        """Run one request through its model's queue; loads a lazy model on first use.
+        ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``)."""
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
             batcher = await self._wait_until_ready(entry)
         entry.model.validate(request)  # type: ignore[union-attr]
         entry.last_used = time.monotonic()
-        response = await batcher.submit(request)
-        response.model_name = name
+        response = await batcher.submit(request, deadline, is_gone)
+        response.model_name = entry.name
         response.model_version = entry.version
         response.id = request.id
         return response
@@ -189,7 +223,7 @@ class ModelManager:
         """Create or refresh the entries of one model folder (keeps loaded entries as they are)."""
         old = self._models.get(model.name, {})
         if model.error:
-            entry = ModelEntry(model.name, "", None, reason=model.error)
+            entry = ModelEntry(model.name, "", None, reason=model.error)  # no metrics: it never serves
             self._models[model.name] = {"": entry}
             self._default_version.pop(model.name, None)
             return
@@ -199,7 +233,7 @@ class ModelManager:
             if previous is not None and previous.spec == spec:
                 entry = previous
             else:
-                entry = ModelEntry(model.name, version, spec)
+                entry = ModelEntry(model.name, version, spec, metrics=self.metrics.for_model(model.name, version))
                 entry.unloaded_by_operator = previous is not None and previous.unloaded_by_operator
             entry.served = version in model.served
             if not entry.served:
@@ -219,11 +253,23 @@ class ModelManager:
         return entry.model
 
     async def _wait_until_ready(self, entry: ModelEntry) -> Batcher:
+        """Wait for a loading model (starting the load of a lazy one); at most ``max_queue``
+        requests wait per model, the next ones get 503 at once."""
         lazy = entry.spec is not None and entry.spec.config.load == "lazy"
         if entry.loading is None and entry.state is ModelState.UNAVAILABLE:
             if not (lazy and entry.served and not entry.unloaded_by_operator):
                 raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
-        await self._ensure_loading(entry)
+        limit = self._batch_policy(entry.spec).max_queue if entry.spec else 0
+        if entry.waiting >= limit:
+            raise ModelNotReady(
+                f"model '{entry.key}' is loading and {entry.waiting} requests already wait for it",
+                retry_after=1.0,
+            )
+        entry.waiting += 1
+        try:
+            await self._ensure_loading(entry)
+        finally:
+            entry.waiting -= 1
         if entry.state is not ModelState.READY or entry.batcher is None:
             raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
         return entry.batcher
@@ -254,8 +300,10 @@ class ModelManager:
                 model = await runtime.load(spec, Placement())
                 self.ledger.commit(entry.key, model.memory())
                 entry.model = model
-                entry.batcher = Batcher(model, self._batch_policy(spec), entry.key)
-                self._set_state(entry, ModelState.READY, "", time.monotonic() - started)
+                entry.batcher = Batcher(model, self._batch_policy(spec), entry.key, entry.metrics)
+                took = time.monotonic() - started
+                entry.metrics.loaded(took)
+                self._set_state(entry, ModelState.READY, "", took)
                 # Long-lived objects of the model (and its framework's modules) leave the
                 # collector's generations: full collections over them stalled requests for ~60 ms.
                 gc.freeze()

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     load_concurrency: int = Field(
         2, ge=1, description="How many models load at the same time at startup."
     )
+    metrics: bool = Field(True, description="Record request metrics and serve them at /metrics.")
+    triton_metrics: bool = Field(
+        False, description="Also export Triton's metric names (nv_inference_*, nv_gpu_memory_*)."
+    )
     infer_threads: int = Field(
         8, ge=1, description="Threads that run synchronous model code off the event loop."
     )

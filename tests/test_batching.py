@@ -259,3 +259,42 @@ async def test_explicit_zero_delay_without_adaptive_fill_never_waits():
     late = asyncio.create_task(batcher.submit(request("r1", [1.0])))
     await asyncio.gather(early, late)
     assert model.calls[-2:] == [["r0"], ["r1"]]
+
+
+async def test_preferred_batch_sizes_trim_a_batch_to_the_largest_that_fits():
+    model = RowEcho()
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(4, 8))
+    batcher = Batcher(model, policy, "m:1")
+    first = await blocked(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [float(i)]))) for i in range(11)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    await first
+    # 11 queued rows: a batch of 8, then 3 (no preferred size fits 3, so all of them)
+    assert [len(call) for call in model.calls[1:]] == [8, 3]
+    assert [values(r) for r in results] == [[i * 10.0] for i in range(11)]
+
+
+async def test_batch_metrics_count_rows_batches_and_queue_waits():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mmserver.metrics import Metrics
+
+    metrics = Metrics()
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=16), "m:1", metrics.for_model("m", "1"))
+    first = await blocked(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(request(f"r{i}", [1.0] * (i + 1)))) for i in range(3)]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    samples = {
+        (s.name, s.labels.get("model_name")): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples[("mmserver_inference_batches_total", "m")] == 2
+    assert samples[("mmserver_inference_items_total", "m")] == 1 + 6
+    assert samples[("mmserver_inference_batch_size_sum", "m")] == 7
+    assert samples[("mmserver_inference_queue_duration_seconds_count", "m")] == 4

@@ -12,11 +12,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..codec import encode_json
 from ..errors import MethodNotAllowed, MMServerError, RouteNotFound
 from ..manager import ModelManager
+from ..metrics import Metrics
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from . import v2
@@ -66,7 +69,7 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
         loop.set_default_executor(
             ThreadPoolExecutor(settings.infer_threads, thread_name_prefix="mmserver-worker")
         )
-        manager = ModelManager(settings, registry)
+        manager = ModelManager(settings, registry, metrics)
         app.state.manager = manager
         starting = asyncio.create_task(manager.start(), name="load startup models")
         starting.add_done_callback(_report_startup_failure)
@@ -77,8 +80,16 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
                 starting.cancel()
             await manager.stop()
 
+    metrics = Metrics(enabled=settings.metrics, triton_aliases=settings.triton_metrics)
+
+    async def serve_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    routes = v2.routes()
+    if settings.metrics:
+        routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
     app = Starlette(
-        routes=v2.routes(),
+        routes=routes,
         lifespan=lifespan,
         exception_handlers={
             MMServerError: _on_mmserver_error,

@@ -7,14 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..codec import encode_json
-from ..errors import MMServerError, PayloadTooLarge, http_status
+from ..errors import ClientDisconnected, MMServerError, PayloadTooLarge, http_status
 
 JSON = "application/json"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body was complete."""
 
 
 def error_parts(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
@@ -35,7 +31,7 @@ async def read_body(receive: Receive, declared_length: str | None, limit: int) -
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone()
+            raise ClientDisconnected("the client disconnected while sending its request")
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)

@@ -9,17 +9,21 @@ on to the Starlette application.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..codec import BINARY_HEADER, decode_request, encode_json, encode_response
-from ..errors import MethodNotAllowed, MMServerError
-from .http import JSON, ClientGone, error_parts, read_body
+from ..errors import ClientDisconnected, InvalidInput, MethodNotAllowed, MMServerError
+from ..metrics import outcome_of
+from .http import JSON, error_parts, read_body
 
 log = logging.getLogger(__name__)
 
 _BINARY_HEADER = BINARY_HEADER.encode()
+_TIMEOUT_HEADER = b"request-timeout"
 _JSON_HEADERS = [(b"content-type", JSON.encode())]
 
 
@@ -52,33 +56,47 @@ class InferenceRoute:
         if target is None:
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        entry = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}; use POST")
-            status, headers, body = 200, *await self._infer(target, scope, receive)
-        except ClientGone:
-            return
+            entry = self.state.manager.entry(*target)
+            headers, body = await self._infer(entry, scope, receive)
+            status = 200
+            entry.metrics.request("success", time.perf_counter() - started)
+        except ClientDisconnected as exc:
+            if entry is not None:
+                entry.metrics.request(outcome_of(exc), time.perf_counter() - started)
+            return  # nobody to answer
         except MMServerError as exc:
+            if entry is not None:
+                entry.metrics.request(outcome_of(exc), time.perf_counter() - started)
             status, header_map, body = error_parts(exc)
             headers = [(k.encode(), v.encode()) for k, v in header_map.items()]
-        except Exception as exc:  # never let a bug in one request take the connection down silently
+        except Exception as exc:  # a bug must still answer, and never take the connection down
             log.exception("inference on %s failed", scope["path"])
+            if entry is not None:
+                entry.metrics.request("error", time.perf_counter() - started)
             status, headers = 500, _JSON_HEADERS
             body = encode_json({"error": f"internal server error: {type(exc).__name__}: {exc}"})
         headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _infer(self, target: tuple[str, str | None], scope: Scope, receive: Receive):
-        declared = binary_length = None
+    async def _infer(self, entry: Any, scope: Scope, receive: Receive) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        declared = binary_length = timeout_header = None
         for key, value in scope["headers"]:
             if key == b"content-length":
                 declared = value.decode("latin-1")
             elif key == _BINARY_HEADER:
                 binary_length = value.decode("latin-1")
+            elif key == _TIMEOUT_HEADER:
+                timeout_header = value.decode("latin-1")
         body = await read_body(receive, declared, self.state.settings.max_request_bytes)
         request = decode_request(body, binary_length)
-        response = await self.state.manager.infer(target[0], target[1], request)
+        deadline = request_deadline(request.parameters.get("timeout"), timeout_header)
+        response = await self.state.manager.infer(entry, request, deadline, _disconnect_probe(receive))
         content, header_length = encode_response(response, request)
         if header_length is None:
             return _JSON_HEADERS, content
@@ -86,3 +104,33 @@ class InferenceRoute:
             (b"content-type", b"application/octet-stream"),
             (b"inference-header-content-length", header_length.encode()),
         ], content
+
+
+def request_deadline(timeout_us: Any, timeout_header: str | None) -> float | None:
+    """The request's deadline (``time.monotonic()``) from the ``timeout`` request parameter in
+    microseconds (as Triton's clients send it) or the ``Request-Timeout`` header in seconds."""
+    limits: list[float] = []
+    if timeout_us is not None:
+        if type(timeout_us) not in (int, float) or timeout_us < 0:
+            raise InvalidInput("parameter 'timeout' must be a non-negative number of microseconds")
+        if timeout_us > 0:  # Triton's convention: 0 means no timeout
+            limits.append(timeout_us / 1e6)
+    if timeout_header is not None:
+        try:
+            seconds = float(timeout_header)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < float("inf"):
+            raise InvalidInput("header Request-Timeout must be a positive number of seconds")
+        limits.append(seconds)
+    return time.monotonic() + min(limits) if limits else None
+
+
+def _disconnect_probe(receive: Receive) -> Callable[[], bool] | None:
+    """A cheap check of whether the client has gone. ASGI only reports a disconnect to a pending
+    ``receive()``; uvicorn's receive is a method of the request cycle, whose ``disconnected``
+    flag says it without waiting. Other servers get no probe (queued requests then run anyway)."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or not hasattr(cycle, "disconnected"):
+        return None
+    return lambda: cycle.disconnected
