@@ -1,25 +1,22 @@
 """Every Prometheus metric the server exports, in its own registry (vLLM clears collectors in the
 global one when an engine starts).
 
-Counters and histograms are updated on the request path through children bound once per model
-version (``ModelMetrics``), so a request costs a few lock-protected increments. Gauges (queue
-depth, model state, memory) and the optional Triton-named aliases are computed when Prometheus
-scrapes, from a snapshot the manager provides, so they cost the request path nothing.
+Requests are recorded on the event loop thread only (the inference route and each model's batch
+worker run there), so the request path accumulates into plain per-model numbers, without the
+locks of prometheus_client's metric objects (those cost a measurable share of a small model's
+request). A collector turns the numbers into metric families when Prometheus scrapes, together
+with the gauges read from the manager's snapshot (queue depth, model state, memory) and, when
+enabled, the Triton-named aliases.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import (
@@ -31,7 +28,7 @@ from .errors import (
     PayloadTooLarge,
 )
 
-MODEL_LABELS = ("model_name", "model_version")
+MODEL_LABELS = ["model_name", "model_version"]
 OUTCOMES = ("success", "invalid", "rejected", "unavailable", "timeout", "cancelled", "error")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -54,6 +51,89 @@ def outcome_of(error: BaseException) -> str:
     return "error"
 
 
+class Distribution:
+    """A histogram's numbers: count per bucket (the last one is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (upper bound, observations <= bound), ending with +Inf."""
+        buckets, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return buckets
+
+
+class ModelMetrics:
+    """The numbers of one model version. Call only from the event loop thread."""
+
+    def __init__(self, name: str, version: str) -> None:
+        self.labels = [name, version]
+        self.requests = dict.fromkeys(OUTCOMES, 0)
+        self.items = 0
+        self.batches = 0
+        self.evictions = 0
+        self.request_duration = Distribution(LATENCY_BUCKETS)
+        self.queue_duration = Distribution(LATENCY_BUCKETS)
+        self.compute_duration = Distribution(LATENCY_BUCKETS)
+        self.batch_size = Distribution(BATCH_BUCKETS)
+        self.load_duration = Distribution(LOAD_BUCKETS)
+
+    def request(self, outcome: str, seconds: float) -> None:
+        """One request answered (``success`` requests also feed the latency histogram)."""
+        self.requests[outcome] += 1
+        if outcome == "success":
+            self.request_duration.observe(seconds)
+
+    def batch(self, rows: int, queue_waits: Iterable[float], compute_seconds: float) -> None:
+        """One model call: its rows, how long each of its requests queued, how long it computed."""
+        self.batches += 1
+        self.items += rows
+        self.batch_size.observe(rows)
+        self.compute_duration.observe(compute_seconds)
+        for wait in queue_waits:
+            self.queue_duration.observe(wait)
+
+    def loaded(self, seconds: float) -> None:
+        self.load_duration.observe(seconds)
+
+    def evicted(self) -> None:
+        self.evictions += 1
+
+
+class NoMetrics(ModelMetrics):
+    """Stands in for ``ModelMetrics`` when metrics are turned off: records nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("", "")
+
+    def request(self, outcome: str, seconds: float) -> None:
+        pass
+
+    def batch(self, rows: int, queue_waits: Iterable[float], compute_seconds: float) -> None:
+        pass
+
+    def loaded(self, seconds: float) -> None:
+        pass
+
+    def evicted(self) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class ModelSnapshot:
     """What the scrape-time gauges need to know about one model version."""
@@ -73,103 +153,26 @@ class ServerSnapshot:
     device_used: dict[str, int] = field(default_factory=dict)
 
 
-class ModelMetrics:
-    """The metric children of one model version, bound once so the request path only increments."""
-
-    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
-        labels = (name, version)
-        self._requests = {o: metrics.requests.labels(*labels, o) for o in OUTCOMES}
-        self._request_duration = metrics.request_duration.labels(*labels)
-        self._queue_duration = metrics.queue_duration.labels(*labels)
-        self._compute_duration = metrics.compute_duration.labels(*labels)
-        self._batch_size = metrics.batch_size.labels(*labels)
-        self._items = metrics.items.labels(*labels)
-        self._batches = metrics.batches.labels(*labels)
-        self._load_duration = metrics.load_duration.labels(*labels)
-        self._evictions = metrics.evictions.labels(*labels)
-
-    def request(self, outcome: str, seconds: float) -> None:
-        """One request answered (``success`` requests also feed the latency histogram)."""
-        self._requests[outcome].inc()
-        if outcome == "success":
-            self._request_duration.observe(seconds)
-
-    def batch(self, rows: int, queue_waits: Iterable[float], compute_seconds: float) -> None:
-        """One model call: its rows, how long each of its requests queued, how long it computed."""
-        self._batches.inc()
-        self._items.inc(rows)
-        self._batch_size.observe(rows)
-        self._compute_duration.observe(compute_seconds)
-        for wait in queue_waits:
-            self._queue_duration.observe(wait)
-
-    def loaded(self, seconds: float) -> None:
-        self._load_duration.observe(seconds)
-
-    def evicted(self) -> None:
-        self._evictions.inc()
-
-
-class NoMetrics(ModelMetrics):
-    """Stands in for ``ModelMetrics`` when metrics are turned off: records nothing."""
-
-    def __init__(self) -> None:  # noqa: D107 - nothing to bind
-        pass
-
-    def request(self, outcome: str, seconds: float) -> None:
-        pass
-
-    def batch(self, rows: int, queue_waits: Iterable[float], compute_seconds: float) -> None:
-        pass
-
-    def loaded(self, seconds: float) -> None:
-        pass
-
-    def evicted(self) -> None:
-        pass
-
-
 class Metrics:
-    """The server's metric families and its registry."""
+    """The per-model numbers and the registry that exposes them."""
 
     def __init__(self, enabled: bool = True, triton_aliases: bool = False) -> None:
         self.enabled = enabled
-        disable_created_metrics()  # the *_created series only clutter every scrape
+        self.models: dict[tuple[str, str], ModelMetrics] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        reg = self.registry
-        self.requests = Counter(
-            "mmserver_inference_requests", "Inference requests answered, by outcome.",
-            [*MODEL_LABELS, "outcome"], registry=reg)
-        self.items = Counter(
-            "mmserver_inference_items", "Rows (first-dimension items) computed.", MODEL_LABELS, registry=reg)
-        self.batches = Counter(
-            "mmserver_inference_batches", "Model calls (batches) executed.", MODEL_LABELS, registry=reg)
-        self.request_duration = Histogram(
-            "mmserver_inference_request_duration_seconds",
-            "Time from receiving a request to its response, successful requests.",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=reg)
-        self.queue_duration = Histogram(
-            "mmserver_inference_queue_duration_seconds", "Time a request waited in its model's queue.",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=reg)
-        self.compute_duration = Histogram(
-            "mmserver_inference_compute_duration_seconds", "Time of one model call (a whole batch).",
-            MODEL_LABELS, buckets=LATENCY_BUCKETS, registry=reg)
-        self.batch_size = Histogram(
-            "mmserver_inference_batch_size", "Rows per model call.", MODEL_LABELS,
-            buckets=BATCH_BUCKETS, registry=reg)
-        self.load_duration = Histogram(
-            "mmserver_model_load_duration_seconds", "Time to load a model.", MODEL_LABELS,
-            buckets=LOAD_BUCKETS, registry=reg)
-        self.evictions = Counter(
-            "mmserver_model_evictions", "Models evicted to make room.", MODEL_LABELS, registry=reg)
         self._snapshot: Callable[[], ServerSnapshot] = lambda: ServerSnapshot([], {})
-        reg.register(_ScrapeTimeGauges(self))
+        self.registry.register(_ModelCollector(self))
         if triton_aliases:
-            reg.register(_TritonAliases(self))
+            self.registry.register(_TritonAliases(self))
 
     def for_model(self, name: str, version: str) -> ModelMetrics:
-        """Bound metrics for one model version (a recorder of nothing when metrics are off)."""
-        return ModelMetrics(self, name, version) if self.enabled else NoMetrics()
+        """The numbers of one model version (kept across reloads; a no-op recorder when off)."""
+        if not self.enabled:
+            return NoMetrics()
+        key = (name, version)
+        if key not in self.models:
+            self.models[key] = ModelMetrics(name, version)
+        return self.models[key]
 
     def set_snapshot(self, snapshot: Callable[[], ServerSnapshot]) -> None:
         """Where the scrape-time gauges read the server's state."""
@@ -183,32 +186,68 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _ScrapeTimeGauges(Collector):
+def _counter(name: str, doc: str, values: Iterable[tuple[list[str], float]], labels=MODEL_LABELS) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(label_values, value)
+    return family
+
+
+def _histogram(name: str, doc: str, models: Iterable[ModelMetrics], pick: Callable[[ModelMetrics], Distribution]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=MODEL_LABELS)
+    for model in models:
+        dist = pick(model)
+        family.add_metric(model.labels, dist.cumulative(), dist.sum)
+    return family
+
+
+class _ModelCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.metrics.snapshot()
-        pending = GaugeMetricFamily(
-            "mmserver_queue_pending_requests", "Requests waiting in the model's queue.", labels=MODEL_LABELS)
-        state = GaugeMetricFamily(
-            "mmserver_model_state", "1 for the model's current state, 0 for the others.",
-            labels=[*MODEL_LABELS, "state"])
-        reserved = GaugeMetricFamily(
-            "mmserver_memory_reserved_bytes", "Bytes a model holds on a device.",
-            labels=[*MODEL_LABELS, "device"])
-        for model in snap.models:
-            labels = [model.name, model.version]
-            pending.add_metric(labels, model.pending)
-            for name in STATES:
-                state.add_metric([*labels, name], 1.0 if model.state == name else 0.0)
-            for device, size in model.memory.items():
-                reserved.add_metric([*labels, device], size)
-        budget = GaugeMetricFamily(
-            "mmserver_memory_budget_bytes", "Memory budget per device.", labels=["device"])
-        for device, size in snap.budgets.items():
-            budget.add_metric([device], size)
-        yield from (pending, state, reserved, budget)
+        models = list(self.metrics.models.values())
+        yield _counter("mmserver_inference_requests", "Inference requests answered, by outcome.",
+                       [([*m.labels, o], m.requests[o]) for m in models for o in OUTCOMES],
+                       labels=[*MODEL_LABELS, "outcome"])
+        yield _counter("mmserver_inference_items", "Rows (first-dimension items) computed.",
+                       ((m.labels, m.items) for m in models))
+        yield _counter("mmserver_inference_batches", "Model calls (batches) executed.",
+                       ((m.labels, m.batches) for m in models))
+        yield _counter("mmserver_model_evictions", "Models evicted to make room.",
+                       ((m.labels, m.evictions) for m in models))
+        yield _histogram("mmserver_inference_request_duration_seconds",
+                         "Time from receiving a request to its response, successful requests.",
+                         models, lambda m: m.request_duration)
+        yield _histogram("mmserver_inference_queue_duration_seconds",
+                         "Time a request waited in its model's queue.", models, lambda m: m.queue_duration)
+        yield _histogram("mmserver_inference_compute_duration_seconds",
+                         "Time of one model call (a whole batch).", models, lambda m: m.compute_duration)
+        yield _histogram("mmserver_inference_batch_size", "Rows per model call.", models, lambda m: m.batch_size)
+        yield _histogram("mmserver_model_load_duration_seconds", "Time to load a model.",
+                         models, lambda m: m.load_duration)
+        yield from _gauges(self.metrics.snapshot())
+
+
+def _gauges(snap: ServerSnapshot) -> Iterator[Metric]:
+    pending = GaugeMetricFamily(
+        "mmserver_queue_pending_requests", "Requests waiting in the model's queue.", labels=MODEL_LABELS)
+    state = GaugeMetricFamily(
+        "mmserver_model_state", "1 for the model's current state, 0 for the others.",
+        labels=[*MODEL_LABELS, "state"])
+    reserved = GaugeMetricFamily(
+        "mmserver_memory_reserved_bytes", "Bytes a model holds on a device.", labels=[*MODEL_LABELS, "device"])
+    for model in snap.models:
+        labels = [model.name, model.version]
+        pending.add_metric(labels, model.pending)
+        for name in STATES:
+            state.add_metric([*labels, name], 1.0 if model.state == name else 0.0)
+        for device, size in model.memory.items():
+            reserved.add_metric([*labels, device], size)
+    budget = GaugeMetricFamily("mmserver_memory_budget_bytes", "Memory budget per device.", labels=["device"])
+    for device, size in snap.budgets.items():
+        budget.add_metric([device], size)
+    yield from (pending, state, reserved, budget)
 
 
 class _TritonAliases(Collector):
@@ -218,29 +257,30 @@ class _TritonAliases(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        success = _TritonCounter("nv_inference_request_success", "Successful requests.")
-        failure = _TritonCounter("nv_inference_request_failure", "Failed requests.")
-        by_model: dict[tuple[str, str], list[float]] = {}
-        for sample in _samples(self.metrics.requests, "_total"):
-            key = (sample.labels["model_name"], sample.labels["model_version"])
-            counts = by_model.setdefault(key, [0.0, 0.0])
-            counts[0 if sample.labels["outcome"] == "success" else 1] += sample.value
-        for key, (ok, failed) in by_model.items():
-            success.add(key, ok)
-            failure.add(key, failed)
-        yield success
-        yield failure
-        yield _renamed(self.metrics.items, "_total", "nv_inference_count", "Inferences performed (rows).")
-        yield _renamed(self.metrics.batches, "_total", "nv_inference_exec_count", "Model executions (batches).")
-        for source, name in (
-            (self.metrics.request_duration, "nv_inference_request_duration_us"),
-            (self.metrics.queue_duration, "nv_inference_queue_duration_us"),
-            (self.metrics.compute_duration, "nv_inference_compute_infer_duration_us"),
-        ):
-            yield _renamed(source, "_sum", name, "Cumulative microseconds.", scale=1e6)
+        models = list(self.metrics.models.values())
+        counters: list[tuple[str, str, Callable[[ModelMetrics], float]]] = [
+            ("nv_inference_request_success", "Successful requests.", lambda m: m.requests["success"]),
+            ("nv_inference_request_failure", "Failed requests.",
+             lambda m: sum(m.requests.values()) - m.requests["success"]),
+            ("nv_inference_count", "Inferences performed (rows).", lambda m: m.items),
+            ("nv_inference_exec_count", "Model executions (batches).", lambda m: m.batches),
+            ("nv_inference_request_duration_us", "Cumulative request time, microseconds.",
+             lambda m: m.request_duration.sum * 1e6),
+            ("nv_inference_queue_duration_us", "Cumulative queue time, microseconds.",
+             lambda m: m.queue_duration.sum * 1e6),
+            ("nv_inference_compute_infer_duration_us", "Cumulative compute time, microseconds.",
+             lambda m: m.compute_duration.sum * 1e6),
+        ]
+        for name, doc, pick in counters:
+            # Triton's counters carry no _total suffix, which the client library adds to any
+            # counter, so they are exposed untyped (rate() works alike).
+            family = Metric(name, doc, "untyped")
+            for model in models:
+                family.add_sample(name, {"model": model.labels[0], "version": model.labels[1]}, pick(model))
+            yield family
+        snap = self.metrics.snapshot()
         pending = GaugeMetricFamily(
             "nv_inference_pending_request_count", "Pending requests.", labels=["model", "version"])
-        snap = self.metrics.snapshot()
         for model in snap.models:
             pending.add_metric([model.name, model.version], model.pending)
         yield pending
@@ -252,29 +292,3 @@ class _TritonAliases(Collector):
             used.add_metric([device], size)
         yield total
         yield used
-
-
-class _TritonCounter(Metric):
-    """A Triton counter under its exact name. Triton's counters carry no ``_total`` suffix, which
-    the client library adds to any counter, so they are exposed untyped (rate() works alike)."""
-
-    def __init__(self, name: str, doc: str) -> None:
-        super().__init__(name, doc, "untyped")
-        self.exact_name = name
-
-    def add(self, key: tuple[str, str], value: float) -> None:
-        self.add_sample(self.exact_name, {"model": key[0], "version": key[1]}, value)
-
-
-def _samples(metric: Counter | Histogram, suffix: str):
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.name.endswith(suffix):
-                yield sample
-
-
-def _renamed(metric: Counter | Histogram, suffix: str, name: str, doc: str, scale: float = 1.0) -> Metric:
-    family = _TritonCounter(name, doc)
-    for sample in _samples(metric, suffix):
-        family.add((sample.labels["model_name"], sample.labels["model_version"]), sample.value * scale)
-    return family
