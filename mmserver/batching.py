@@ -50,6 +50,7 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     timeout_s: float | None = None
     adaptive_fill: bool = True
+    adaptive_fill_cap_s: float = ADAPTIVE_FILL_MAX_S
 
 
 @dataclass(slots=True)
@@ -128,6 +129,8 @@ class Batcher:
         if self._direct is not None:
             return await self._submit_direct(request, deadline)
         if len(self._queue) >= self.policy.max_queue:
+            self._purge()  # requests that expired or whose client left free their places
+        if len(self._queue) >= self.policy.max_queue:
             raise Overloaded(
                 f"model {self.label} has {len(self._queue)} requests queued (max_queue "
                 f"{self.policy.max_queue}); retry later",
@@ -180,7 +183,7 @@ class Batcher:
             if self.policy.max_delay_s > 0:
                 await self._wait_to_fill(head.enqueued + self.policy.max_delay_s, self._max_rows)
             elif self.policy.adaptive_fill and self._last_batch > 1:
-                wait = min(ADAPTIVE_FILL_SHARE * self._batch_cost_s, ADAPTIVE_FILL_MAX_S)
+                wait = min(ADAPTIVE_FILL_SHARE * self._batch_cost_s, self.policy.adaptive_fill_cap_s)
                 await self._wait_to_fill(head.enqueued + wait, self._last_batch)
             batch = self._take_batch()
             if batch:
@@ -215,6 +218,10 @@ class Batcher:
                 count += 1
                 rows += pending.rows
         return count, rows
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        self._queue = deque(p for p in self._queue if not p.dropped(now))
 
     def _take_batch(self) -> list[_Pending]:
         """Remove and return the head request and the queued requests that can join it,

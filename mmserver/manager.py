@@ -1,8 +1,12 @@
-"""The one stateful orchestrator: model states, loading and unloading, and the inference entry point.
+"""The one stateful orchestrator: model states, loading, eviction and unloading, and the
+inference entry point.
 
 Every model version is a ``ModelEntry`` whose state moves UNAVAILABLE -> LOADING -> READY ->
 UNLOADING -> UNAVAILABLE; each change is one log line with the memory figure. Loads are
-single-flight: concurrent first requests to a lazy model share one load.
+single-flight: concurrent first requests to a lazy (or evicted) model share one load. Memory
+admission, placement and the choice of victims are ``Residency``'s; this module carries them
+out: a victim that can (a torch model on a GPU) moves to host RAM and comes back at PCIe speed,
+any other is unloaded and reloaded from disk on its next request.
 """
 
 from __future__ import annotations
@@ -11,44 +15,25 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
+from .devices import Device, discover_devices
+from .entry import ModelEntry
 from .errors import MMServerError, ModelLoadError, ModelNotFound, ModelNotReady
 from .memory import MemoryLedger, format_bytes
-from .metrics import Metrics, ModelMetrics, ModelSnapshot, NoMetrics, ServerSnapshot
+from .metrics import Metrics, ModelSnapshot, ServerSnapshot
 from .repository import Repository, RepositoryModel
-from .runtime import LoadedModel, Placement, RuntimeRegistry
+from .residency import Residency
+from .runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
 from .settings import Settings
 from .spec import ModelSpec
 from .types import InferRequest, InferResponse, ModelMetadata, ModelState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ModelEntry:
-    """One model version and everything the server holds for it."""
-
-    name: str
-    version: str
-    spec: ModelSpec | None
-    state: ModelState = ModelState.UNAVAILABLE
-    reason: str = ""
-    model: LoadedModel | None = None
-    batcher: Batcher | None = None
-    loading: asyncio.Task[None] | None = None
-    served: bool = True
-    unloaded_by_operator: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-    waiting: int = 0  # requests waiting for the model to finish loading
-    metrics: ModelMetrics = field(default_factory=NoMetrics)
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.version}" if self.version else self.name
+IDLE_SWEEP_MIN_S = 0.5
+IDLE_SWEEP_MAX_S = 30.0
 
 
 class ModelManager:
@@ -59,23 +44,26 @@ class ModelManager:
         settings: Settings,
         registry: RuntimeRegistry,
         metrics: Metrics | None = None,
-        ledger: MemoryLedger | None = None,
+        devices: dict[str, Device] | None = None,
     ) -> None:
         self.settings = settings
         self.repository = Repository(settings.model_repository, registry)
         self.registry = registry
         self.metrics = metrics or Metrics(enabled=False)
         self.metrics.set_snapshot(self.snapshot)
-        self.ledger = ledger or MemoryLedger()
+        self.ledger = MemoryLedger()
+        self.residency = Residency(settings, devices if devices is not None else discover_devices(), self.ledger)
         self.started = asyncio.Event()
         self._models: dict[str, dict[str, ModelEntry]] = {}
         self._default_version: dict[str, str] = {}
         self._load_slots = asyncio.Semaphore(settings.load_concurrency)
+        self._idle_sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Read the repository and load every model whose load mode is ``startup``."""
+        """Set the memory budgets, read the repository and load every ``startup`` model."""
+        self.residency.set_budgets()
         for model in self.repository.scan().values():
             self._register(model)
         startup = [
@@ -88,15 +76,17 @@ class ModelManager:
         gc.collect()
         gc.freeze()
         self.started.set()
-        ready = sum(e.state is ModelState.READY for v in self._models.values() for e in v.values())
+        self._idle_sweeper = asyncio.create_task(self._sweep_idle(), name="idle unloads")
+        ready = sum(e.state is ModelState.READY for e in self._entries())
         log.info("repository %s: %d model versions ready, %d known", self.repository.root, ready,
                  sum(len(v) for v in self._models.values()))
 
     async def stop(self) -> None:
         """Drain every model's queue, then unload it."""
         self.started.clear()
-        entries = [e for versions in self._models.values() for e in versions.values()]
-        await asyncio.gather(*(self._unload(e, "server stopping") for e in entries))
+        if self._idle_sweeper is not None:
+            self._idle_sweeper.cancel()
+        await asyncio.gather(*(self._unload(e, "server stopping") for e in list(self._entries())))
 
     # ------------------------------------------------------------------ lookups
 
@@ -159,11 +149,17 @@ class ModelManager:
                 entry.batcher.pending if entry.batcher else 0,
                 self.ledger.held(entry.key),
             )
-            for versions in self._models.values()
-            for entry in versions.values()
+            for entry in self._entries()
             if entry.spec is not None
         ]
-        return ServerSnapshot(models, dict(self.ledger.budgets))
+        gpus = {name: device for name, device in self.residency.devices.items() if name != HOST}
+        readings = {device.uuid: device.read() for device in gpus.values()}
+        return ServerSnapshot(
+            models,
+            dict(self.ledger.budgets),
+            {uuid: r.total for uuid, r in readings.items()},
+            {uuid: r.used for uuid, r in readings.items()},
+        )
 
     # ------------------------------------------------------------------ inference
 
@@ -255,10 +251,8 @@ class ModelManager:
     async def _wait_until_ready(self, entry: ModelEntry) -> Batcher:
         """Wait for a loading model (starting the load of a lazy one); at most ``max_queue``
         requests wait per model, the next ones get 503 at once."""
-        lazy = entry.spec is not None and entry.spec.config.load == "lazy"
-        if entry.loading is None and entry.state is ModelState.UNAVAILABLE:
-            if not (lazy and entry.served and not entry.unloaded_by_operator):
-                raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
+        if entry.loading is None and entry.state is ModelState.UNAVAILABLE and not entry.reloads_on_request():
+            raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
         limit = self._batch_policy(entry.spec).max_queue if entry.spec else 0
         if entry.waiting >= limit:
             raise ModelNotReady(
@@ -292,15 +286,13 @@ class ModelManager:
                     runtime = self.registry.get(spec.runtime)
                 except LookupError as exc:
                     raise ModelLoadError(str(exc)) from None
-                predicted = (
-                    {"cpu": int(spec.config.memory)} if spec.config.memory else runtime.estimate(spec)
-                )
-                self.ledger.reserve(entry.key, predicted)
-                self._set_state(entry, ModelState.LOADING, "loading")
-                model = await runtime.load(spec, Placement())
-                self.ledger.commit(entry.key, model.memory())
-                entry.model = model
-                entry.batcher = Batcher(model, self._batch_policy(spec), entry.key, entry.metrics)
+                placement = self.residency.placement(spec, runtime)
+                if entry.parked is not None and entry.model is not None:
+                    await self._restore(entry, placement)
+                else:
+                    await self._load_onto(entry, spec, runtime, placement)
+                entry.evicted = False
+                entry.batcher = Batcher(entry.model, self._batch_policy(spec), entry.key, entry.metrics)
                 took = time.monotonic() - started
                 entry.metrics.loaded(took)
                 self._set_state(entry, ModelState.READY, "", took)
@@ -308,11 +300,79 @@ class ModelManager:
                 # collector's generations: full collections over them stalled requests for ~60 ms.
                 gc.freeze()
         except Exception as exc:  # a broken model is reported, never fatal
-            self.ledger.release(entry.key)
+            if entry.model is None:
+                self.ledger.release(entry.key)
             message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             self._set_state(entry, ModelState.UNAVAILABLE, f"load failed: {message}")
         finally:
             entry.loading = None
+
+    async def _load_onto(self, entry: ModelEntry, spec: ModelSpec, runtime: Runtime, placement: Placement) -> None:
+        """Make room, reserve the predicted size, load, and keep the measured size."""
+        predicted = self.residency.predicted(spec, runtime, placement)
+        async with self.residency.lock:
+            await self._make_room(entry, predicted)
+            self.ledger.reserve(entry.key, predicted)
+            self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
+            if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
+                before = self.residency.used(placement.device)
+                entry.model = await runtime.load(spec, placement)
+                self.ledger.commit(entry.key, self.residency.measured(entry.model, placement, before))
+                return
+        entry.model = await runtime.load(spec, placement)
+        self.ledger.commit(entry.key, self.residency.measured(entry.model, placement, None))
+
+    async def _restore(self, entry: ModelEntry, placement: Placement) -> None:
+        """Bring a model parked in host RAM back onto a GPU."""
+        model, parked = entry.model, entry.parked
+        assert model is not None and parked is not None
+        sizes = {placement.device: sum(size for device, size in parked.items() if device != HOST)}
+        async with self.residency.lock:
+            await self._make_room(entry, sizes)
+            self._set_state(entry, ModelState.LOADING, f"restoring from host memory onto {placement.device}")
+            before = self.residency.used(placement.device)
+            await model.restore(placement)
+            entry.parked = None
+            self.ledger.reserve(entry.key, {**sizes, HOST: 0})
+            self.ledger.commit(entry.key, self.residency.measured(model, placement, before))
+
+    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int]) -> None:
+        """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
+        (memory that does not come back forces another victim, or the error); called with the
+        residency lock held."""
+        while victims := self.residency.victims(entry, sizes, list(self._entries())):
+            for victim in victims:
+                await self._evict(victim, f"making room for {entry.key}")
+
+    async def _evict(self, entry: ModelEntry, reason: str) -> None:
+        """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
+        model = entry.model
+        assert model is not None
+        held = self.ledger.held(entry.key)
+        on_gpus = {device: size for device, size in held.items() if device != HOST}
+        entry.metrics.evicted()
+        if model.can_offload and on_gpus and self.residency.host_room_for(sum(on_gpus.values())):
+            started = time.monotonic()
+            self._set_state(entry, ModelState.UNLOADING, f"moving to host memory: {reason}")
+            batcher, entry.batcher = entry.batcher, None
+            if batcher is not None:
+                await batcher.drain()
+            used = {device: self.residency.used(device) for device in on_gpus}
+            await model.offload()
+            entry.parked = on_gpus
+            self.ledger.reserve(entry.key, model.memory())
+            self.ledger.commit(entry.key, model.memory())
+            entry.evicted = True
+            self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
+                            time.monotonic() - started)
+        else:
+            used = {device: self.residency.used(device) for device in on_gpus}
+            await self._unload(entry, f"evicted: {reason}")
+            entry.evicted = True
+            entry.reason = "evicted, reloads on the next request"
+        for device, size in on_gpus.items():
+            if used[device] is not None:
+                await self.residency.wait_released(device, used[device], size)
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         if entry.loading is not None:
@@ -331,8 +391,33 @@ class ModelManager:
         except Exception:
             log.exception("model %s raised while unloading", entry.key)
         entry.model = None
+        entry.parked = None
         self.ledger.release(entry.key)
         self._set_state(entry, ModelState.UNAVAILABLE, reason, time.monotonic() - started)
+
+    async def _sweep_idle(self) -> None:
+        """Evict models that have been idle longer than their ``idle_unload_s``."""
+        while True:
+            timeouts = [t for e in self._entries() if (t := self._idle_timeout(e)) is not None]
+            interval = min(timeouts, default=IDLE_SWEEP_MAX_S) / 4
+            await asyncio.sleep(min(max(interval, IDLE_SWEEP_MIN_S), IDLE_SWEEP_MAX_S))
+            now = time.monotonic()
+            for entry in list(self._entries()):
+                timeout = self._idle_timeout(entry)
+                if timeout is not None and entry.evictable and now - entry.last_used > timeout:
+                    async with self.residency.lock:
+                        if entry.evictable:
+                            await self._evict(entry, f"idle for {now - entry.last_used:.0f} s")
+
+    def _idle_timeout(self, entry: ModelEntry) -> float | None:
+        if entry.spec is None or entry.pinned:
+            return None
+        own = entry.spec.config.idle_unload_s
+        return own if own is not None else self.settings.idle_unload_s
+
+    def _entries(self) -> Iterator[ModelEntry]:
+        for versions in self._models.values():
+            yield from versions.values()
 
     def _set_state(self, entry: ModelEntry, state: ModelState, reason: str, took: float | None = None) -> None:
         entry.state = state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 from .errors import InsufficientMemory
 
@@ -69,3 +70,37 @@ class MemoryLedger:
     def release(self, owner: Hashable) -> None:
         """Forget everything a model held."""
         self._held.pop(owner, None)
+
+
+def resolve_budget(setting: int | float | None, total: int, others: int, margin: int) -> int:
+    """Bytes a device's budget allows: the configured cap (``int`` bytes, or ``float`` fraction
+    of ``total``), but never more than what other processes leave, less a safety margin."""
+    available = max(0, total - others - margin)
+    if setting is None:
+        return available
+    cap = int(total * setting) if isinstance(setting, float) else setting
+    return min(cap, available)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A loaded model that could make room on a device."""
+
+    owner: Hashable
+    size: int  # bytes it would free on the device
+    last_used: float
+
+
+def choose_victims(candidates: list[Candidate], need: int) -> list[Candidate] | None:
+    """Least recently used first, the fewest models that free ``need`` bytes; None if all of
+    them together cannot."""
+    if need <= 0:
+        return []
+    chosen: list[Candidate] = []
+    freed = 0
+    for candidate in sorted(candidates, key=lambda c: c.last_used):
+        chosen.append(candidate)
+        freed += candidate.size
+        if freed >= need:
+            return chosen
+    return None

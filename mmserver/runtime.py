@@ -108,14 +108,15 @@ class Runtime(ABC):
 
     name: str = ""
     priority: int = 0  # detection order when several runtimes recognise a folder: higher first
+    supports_gpu: bool = False  # whether ``load`` accepts a ``cuda:N`` placement
 
     @abstractmethod
     def matches(self, path: Path) -> bool:
         """Whether a model folder holds files this runtime can load. Never imports the framework."""
 
     @abstractmethod
-    def estimate(self, spec: ModelSpec) -> dict[str, int]:
-        """Predicted bytes per device before loading."""
+    def estimate(self, spec: ModelSpec, placement: Placement) -> dict[str, int]:
+        """Predicted bytes per device if the model is loaded onto ``placement``."""
 
     @abstractmethod
     async def load(self, spec: ModelSpec, placement: Placement) -> LoadedModel:

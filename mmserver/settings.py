@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
 import yaml
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -60,6 +60,23 @@ class Settings(BaseSettings):
     load_concurrency: int = Field(
         2, ge=1, description="How many models load at the same time at startup."
     )
+    gpu_memory_budget: int | float | None = Field(
+        None,
+        description="Memory the models may use on each GPU: bytes, a size like 40GiB, or a "
+        "fraction of the GPU like 0.9; never more than other processes leave (NVML) minus the "
+        "margin. Unset: all of that.",
+    )
+    host_memory_budget: int | float | None = Field(
+        0.7,
+        description="Memory the models may use in host RAM (CPU models and the host tier of "
+        "evicted GPU models): bytes, a size, or a fraction of the host (or container) memory.",
+    )
+    memory_margin: ByteSize = Field(
+        ByteSize(256 * 1024**2), description="Headroom kept free on every device (allocator slack)."
+    )
+    idle_unload_s: float | None = Field(
+        None, gt=0, description="Evict a model unused for this many seconds (model.yaml may override)."
+    )
     metrics: bool = Field(True, description="Record request metrics and serve them at /metrics.")
     triton_metrics: bool = Field(
         False, description="Also export Triton's metric names (nv_inference_*, nv_gpu_memory_*)."
@@ -67,6 +84,17 @@ class Settings(BaseSettings):
     infer_threads: int = Field(
         8, ge=1, description="Threads that run synchronous model code off the event loop."
     )
+
+    @field_validator("gpu_memory_budget", "host_memory_budget", mode="before")
+    @classmethod
+    def _memory_amount(cls, value: Any) -> int | float | None:
+        """``0.9`` (a fraction: has a point) or a size (``40GiB``, ``1073741824``)."""
+        if value is None or isinstance(value, float):
+            return _fraction(value) if isinstance(value, float) else None
+        text = str(value).strip()
+        if "." in text and text.replace(".", "", 1).isdigit():
+            return _fraction(float(text))
+        return int(TypeAdapter(ByteSize).validate_python(text))
 
     @classmethod
     def settings_customise_sources(
@@ -83,6 +111,12 @@ class Settings(BaseSettings):
         if not Path(config_file).is_file():
             raise InvalidInput(f"settings file {config_file} does not exist")
         return init_settings, env_settings, YamlFileSource(settings_cls, Path(config_file))
+
+
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"a memory fraction must be in (0, 1], got {value}")
+    return value
 
 
 class YamlFileSource(PydanticBaseSettingsSource):

@@ -63,8 +63,11 @@ class ModelConfig(BaseModel):
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     memory: ByteSize | None = Field(None, description="Explicit size; overrides the prediction.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
+                        description="auto (a GPU when the runtime can use one), cpu, cuda or cuda:N.")
     load: Literal["startup", "lazy"] = "startup"
-    pinned: bool = False
+    pinned: bool = Field(False, description="Never evicted to make room.")
+    idle_unload_s: float | None = Field(None, gt=0, description="Evict after this many idle seconds.")
     timeout_s: float | None = Field(None, gt=0, description="Per-request inference deadline.")
     inputs: list[TensorConfig] | None = None
     outputs: list[TensorConfig] | None = None

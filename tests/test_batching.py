@@ -7,6 +7,7 @@ which requests were merged into which ``infer`` call, and make calls fail or sta
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -226,8 +227,8 @@ async def test_wrong_number_of_responses_fails_the_batch():
 
 
 async def test_adaptive_fill_waits_for_the_callers_of_the_previous_batch():
-    model = RowEcho(delay=0.05)  # a slow model: 20% of its batch time is a 10 ms fill window
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8), "m:1")
+    model = RowEcho(delay=0.5)  # a slow model: 20% of its batch time is a 100 ms fill window
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, adaptive_fill_cap_s=0.5), "m:1")
     first = await blocked(batcher, model)
     previous = [asyncio.create_task(batcher.submit(request(f"p{i}", [float(i)]))) for i in range(3)]
     await asyncio.sleep(0)
@@ -298,3 +299,20 @@ async def test_batch_metrics_count_rows_batches_and_queue_waits():
     assert samples[("mmserver_inference_items_total", "m")] == 1 + 6
     assert samples[("mmserver_inference_batch_size_sum", "m")] == 7
     assert samples[("mmserver_inference_queue_duration_seconds_count", "m")] == 4
+
+
+async def test_expired_requests_free_their_places_in_a_full_queue():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=1, max_queue=2), "m:1")
+    first = await blocked(batcher, model)
+    stale = [asyncio.create_task(batcher.submit(request(f"s{i}", [1.0]), deadline=time.monotonic() + 0.01))
+             for i in range(2)]
+    for task in stale:
+        with pytest.raises(InferenceTimeout):
+            await task
+    fresh = asyncio.create_task(batcher.submit(request("fresh", [2.0])))  # not Overloaded
+    await asyncio.sleep(0)
+    model.gate.set()
+    assert values(await fresh) == [20.0]
+    await first
+    assert model.calls == [["first"], ["fresh"]]

@@ -9,6 +9,7 @@ its first request; ``counted`` is a LogisticRegression used only for exact metri
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_a_burst_of_ten_times_the_queue_is_answered_exactly_once_each(queue_serv
     assert set(statuses) <= {200, 429}, statuses
     ok = [i for i, r in enumerate(responses) if r.status_code == 200]
     shed = [r for r in responses if r.status_code == 429]
-    assert len(ok) >= 5  # one running plus a full queue of four
+    assert len(ok) >= 4  # at least a full queue of four (plus one running if it started first)
     assert shed, "a burst of 10x the queue must shed load"
     for response in shed:
         assert response.headers["retry-after"] == "1"
@@ -117,22 +118,23 @@ def test_a_burst_of_ten_times_the_queue_is_answered_exactly_once_each(queue_serv
 
 @pytest.mark.parametrize("how", ["parameter", "header"])
 def test_requests_past_their_deadline_get_504_and_never_run(queue_server, how):
-    rows = np.random.default_rng(2).normal(size=(5, FEATURES))  # one running + a full queue of 4
+    rows = np.random.default_rng(2).normal(size=(4, FEATURES))  # what the queue of 4 always takes
     if how == "parameter":
-        payloads, headers = [body(rows[i:i + 1], timeout=1000) for i in range(5)], None  # 1 ms, in µs
+        payloads, headers = [body(rows[i:i + 1], timeout=1000) for i in range(4)], None  # 1 ms, in µs
     else:
-        payloads, headers = [body(rows[i:i + 1]) for i in range(5)], {"Request-Timeout": "0.001"}
+        payloads, headers = [body(rows[i:i + 1]) for i in range(4)], {"Request-Timeout": "0.001"}
     labels = model_labels("slow")
     before = scrape(queue_server.url)
     responses = asyncio.run(_burst(queue_server.url, "slow", payloads, headers))
-    assert [r.status_code for r in responses] == [504] * 5
+    assert [r.status_code for r in responses] == [504] * 4
     assert all("deadline" in r.json()["error"] for r in responses)
     after = scrape(queue_server.url)
-    # only the request already running when its deadline passed was computed; the batch was not cut
+    # at most the request already running when its deadline passed was computed (none, when the
+    # machine is so busy that even the first one expired before the worker took it)
     assert value(after, "mmserver_inference_items_total", **labels) - value(
-        before, "mmserver_inference_items_total", **labels) == 1
+        before, "mmserver_inference_items_total", **labels) <= 1
     assert value(after, "mmserver_inference_requests_total", **labels, outcome="timeout") - value(
-        before, "mmserver_inference_requests_total", **labels, outcome="timeout") == 5
+        before, "mmserver_inference_requests_total", **labels, outcome="timeout") == 4
 
 
 @pytest.mark.parametrize("bad", [{"timeout": -5}, {"timeout": "soon"}])
@@ -152,10 +154,16 @@ def test_requests_whose_client_left_are_dropped_before_they_run(queue_server):
     host, port = queue_server.url.removeprefix("http://").split(":")
 
     async def scenario():
-        async with httpx.AsyncClient(timeout=30.0) as client:
-            occupying = asyncio.create_task(
-                client.post(f"{queue_server.url}/v2/models/slow/infer", json=body(np.ones((1, FEATURES)))))
-            await asyncio.sleep(0.005)
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            # a long first request (many rows, binary so it decodes at once) keeps the model busy
+            # while the others queue behind it
+            rows = np.ones((200_000, FEATURES), dtype="<f8")
+            header = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape),
+                                             "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
+            occupying = asyncio.create_task(client.post(
+                f"{queue_server.url}/v2/models/slow/infer", content=header + rows.tobytes(),
+                headers={"Inference-Header-Content-Length": str(len(header))}))
+            await asyncio.sleep(0.3)
             sockets = []
             for _ in range(3):
                 sock = socket.create_connection((host, int(port)))
@@ -163,7 +171,9 @@ def test_requests_whose_client_left_are_dropped_before_they_run(queue_server):
                     f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
                 sockets.append(sock)
-            await asyncio.sleep(0.002)
+            while value(scrape(queue_server.url), "mmserver_queue_pending_requests", **labels) < 3:
+                assert not occupying.done(), "the first request finished before the others queued"
+                await asyncio.sleep(0.005)
             for sock in sockets:
                 sock.close()
             first = await occupying
@@ -173,10 +183,12 @@ def test_requests_whose_client_left_are_dropped_before_they_run(queue_server):
     first, last = asyncio.run(scenario())
     assert first.status_code == 200 and last.status_code == 200
     after = scrape(queue_server.url)
-    assert value(after, "mmserver_inference_requests_total", **labels, outcome="cancelled") - value(
-        before, "mmserver_inference_requests_total", **labels, outcome="cancelled") == 3
+    outcomes = {o: value(after, "mmserver_inference_requests_total", **labels, outcome=o) - value(
+        before, "mmserver_inference_requests_total", **labels, outcome=o) for o in
+        ("success", "cancelled", "invalid", "error", "timeout", "rejected", "unavailable")}
+    assert outcomes["cancelled"] == 3, outcomes
     assert value(after, "mmserver_inference_items_total", **labels) - value(
-        before, "mmserver_inference_items_total", **labels) == 2
+        before, "mmserver_inference_items_total", **labels) == 200_000 + 1
 
 
 def test_concurrent_mixed_size_requests_get_exactly_their_rows(queue_server, queue_repo):

@@ -34,7 +34,7 @@ class SKLearnRuntime(Runtime):
     def matches(self, path: Path) -> bool:
         return bool(files_with_suffix(path, SUFFIXES))
 
-    def estimate(self, spec: ModelSpec) -> dict[str, int]:
+    def estimate(self, spec: ModelSpec, placement: Placement) -> dict[str, int]:
         # A pickled estimator is mostly numpy buffers: memory is close to the file size.
         return {HOST: int(find_model_file(spec, SUFFIXES).stat().st_size * 1.2)}
 

@@ -44,7 +44,7 @@ class XGBoostRuntime(Runtime):
     def matches(self, path: Path) -> bool:
         return any(is_xgboost_file(p) for p in files_with_suffix(path, SUFFIXES))
 
-    def estimate(self, spec: ModelSpec) -> dict[str, int]:
+    def estimate(self, spec: ModelSpec, placement: Placement) -> dict[str, int]:
         # JSON is verbose; the in-memory trees are smaller than the text, binary formats are close.
         return {HOST: int(self._model_file(spec).stat().st_size * 1.2)}
 

@@ -1,0 +1,64 @@
+"""What the server holds for one model version: its spec, state, loaded model and queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .batching import Batcher
+from .metrics import ModelMetrics, NoMetrics
+from .runtime import LoadedModel
+from .spec import ModelSpec
+from .types import ModelState
+
+
+@dataclass(slots=True, eq=False)
+class ModelEntry:
+    """One model version and everything the server holds for it."""
+
+    name: str
+    version: str
+    spec: ModelSpec | None
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    model: LoadedModel | None = None
+    batcher: Batcher | None = None
+    loading: asyncio.Task[None] | None = None
+    served: bool = True
+    unloaded_by_operator: bool = False
+    evicted: bool = False  # unloaded or parked to make room: comes back on the next request
+    parked: dict[str, int] | None = None  # device bytes the model held before it moved to host RAM
+    last_used: float = field(default_factory=time.monotonic)
+    waiting: int = 0  # requests waiting for the model to finish loading
+    metrics: ModelMetrics = field(default_factory=NoMetrics)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}" if self.version else self.name
+
+    @property
+    def pinned(self) -> bool:
+        return self.spec is not None and self.spec.config.pinned
+
+    @property
+    def busy(self) -> bool:
+        """Requests are queued, running, or waiting for a load."""
+        return self.waiting > 0 or (self.batcher is not None and self.batcher.busy)
+
+    @property
+    def evictable(self) -> bool:
+        """Loaded, idle and not pinned: may be moved out to make room."""
+        return (
+            self.state is ModelState.READY
+            and self.model is not None
+            and self.loading is None
+            and not self.pinned
+            and not self.busy
+        )
+
+    def reloads_on_request(self) -> bool:
+        """Whether a request may (re)load this model: lazy or evicted, and not unloaded on purpose."""
+        if self.spec is None or not self.served or self.unloaded_by_operator:
+            return False
+        return self.evicted or self.spec.config.load == "lazy"

@@ -1,0 +1,166 @@
+"""Where models live, and how room is made for them.
+
+Each device (host RAM, every GPU) has a budget: the configured cap, but never more than other
+processes leave (measured through ``devices``) minus a margin. A model is placed on a device,
+its size predicted by its runtime (or given in ``model.yaml``), and admitted only if the ledger
+and the device's measured free memory both have room; otherwise least-recently-used idle models
+that are not pinned are chosen to leave (the manager moves them to host RAM or unloads them).
+After an eviction on a GPU, the memory must show as free in NVML before the next load starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .devices import Device
+from .entry import ModelEntry
+from .errors import InsufficientMemory, ModelLoadError
+from .memory import Candidate, MemoryLedger, choose_victims, format_bytes, resolve_budget
+from .runtime import HOST, LoadedModel, Placement, Runtime
+from .settings import Settings
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 2.0
+RELEASE_TOLERANCE = 64 * 1024**2  # NVML's view may differ from the ledger's by allocator slack
+
+
+class Residency:
+    """Budgets, placement and admission for every device."""
+
+    def __init__(self, settings: Settings, devices: dict[str, Device], ledger: MemoryLedger) -> None:
+        self.settings = settings
+        self.devices = devices
+        self.ledger = ledger
+        self.margin = int(settings.memory_margin)
+        # Serialises admissions (room-making and reservations) on every device, and whole loads
+        # and evictions on GPUs: engines like vLLM size themselves from the free memory they see
+        # while starting, and the measured size of a load is a before/after difference.
+        self.lock = asyncio.Lock()
+
+    @property
+    def gpus(self) -> list[str]:
+        return [name for name in self.devices if name != HOST]
+
+    def set_budgets(self) -> None:
+        """Compute every device's budget from a fresh reading (call before any model loads)."""
+        for name, device in self.devices.items():
+            reading = device.read()
+            setting = self.settings.host_memory_budget if name == HOST else self.settings.gpu_memory_budget
+            budget = resolve_budget(setting, reading.total, reading.others, self.margin)
+            self.ledger.budgets[name] = budget
+            log.info("memory budget on %s: %s of %s (others use %s, margin %s)", name,
+                     format_bytes(budget), format_bytes(reading.total), format_bytes(reading.others),
+                     format_bytes(self.margin))
+
+    # ------------------------------------------------------------------ placement
+
+    def placement(self, spec: ModelSpec, runtime: Runtime) -> Placement:
+        """The device for a model: its ``device`` setting, or for ``auto`` the GPU with the most
+        room when the runtime can use one, else the host."""
+        wanted = spec.config.device
+        if wanted == HOST or (wanted == "auto" and not (runtime.supports_gpu and self.gpus)):
+            return Placement(HOST)
+        if not runtime.supports_gpu:
+            raise ModelLoadError(f"device '{wanted}' asked for, but runtime '{runtime.name}' runs on the CPU only")
+        if not self.gpus:
+            raise ModelLoadError(f"device '{wanted}' asked for, but this server has no GPU it can measure")
+        if wanted.startswith("cuda:"):
+            if wanted not in self.devices:
+                raise ModelLoadError(f"device '{wanted}' does not exist (GPUs: {', '.join(self.gpus)})")
+            return Placement(wanted)
+        return Placement(max(self.gpus, key=self.free))
+
+    def predicted(self, spec: ModelSpec, runtime: Runtime, placement: Placement) -> dict[str, int]:
+        """The size to reserve: ``memory`` from model.yaml, else the runtime's estimate."""
+        if spec.config.memory:
+            return {placement.device: int(spec.config.memory)}
+        return runtime.estimate(spec, placement)
+
+    # ------------------------------------------------------------------ room
+
+    def free(self, device: str) -> int:
+        """Bytes a new model may take on a device now, the least of: the ledger's room in the
+        budget; the budget less what the device says this process uses (allocator caches, CUDA
+        context, leaks), where it can say; and the device's measured free memory (other
+        processes may have grown) less the margin."""
+        limits = [v for v in (self.ledger.free(device),) if v is not None]
+        if device in self.devices:
+            reading = self.devices[device].read()
+            limits.append(reading.free - self.margin)
+            budget = self.ledger.budgets.get(device)
+            if device != HOST and budget is not None and reading.ours:
+                limits.append(budget - reading.ours)
+        return min(limits) if limits else 0
+
+    def shortfall(self, owner: str, sizes: dict[str, int]) -> dict[str, int]:
+        """Bytes missing per device before ``owner`` can hold ``sizes``."""
+        held = self.ledger.held(owner)
+        missing = {}
+        for device, size in sizes.items():
+            lacking = size - held.get(device, 0) - self.free(device)
+            if lacking > 0:
+                missing[device] = lacking
+        return missing
+
+    def victims(self, entry: ModelEntry, sizes: dict[str, int], others: list[ModelEntry]) -> list[ModelEntry]:
+        """The models to move out so ``entry`` fits; raises ``InsufficientMemory`` when even every
+        evictable model together would not make enough room."""
+        chosen: list[ModelEntry] = []
+        for device, lacking in self.shortfall(entry.key, sizes).items():
+            pool = [e for e in others if e is not entry and e not in chosen and e.evictable]
+            candidates = [Candidate(e, self.ledger.held(e.key).get(device, 0), e.last_used) for e in pool]
+            picked = choose_victims([c for c in candidates if c.size > 0], lacking)
+            if picked is None:
+                raise InsufficientMemory(self._no_room(entry, device, sizes[device], others))
+            chosen.extend(c.owner for c in picked)  # type: ignore[misc]
+        return chosen
+
+    def _no_room(self, entry: ModelEntry, device: str, size: int, others: list[ModelEntry]) -> str:
+        holders = [e for e in others if e is not entry and self.ledger.held(e.key).get(device)]
+        pinned = [e.key for e in holders if e.pinned]
+        busy = [e.key for e in holders if not e.pinned and not e.evictable]
+        evictable = sum(self.ledger.held(e.key).get(device, 0) for e in holders if e.evictable)
+        parts = [f"model {entry.key} needs {format_bytes(size)} on {device}",
+                 f"{format_bytes(max(0, self.free(device)))} is free of a {format_bytes(self.ledger.budgets.get(device, 0))} budget",
+                 f"evicting every idle model would free {format_bytes(evictable)} more"]
+        if pinned:
+            parts.append(f"pinned: {', '.join(pinned)}")
+        if busy:
+            parts.append(f"busy or loading: {', '.join(busy)}")
+        return "; ".join(parts)
+
+    def host_room_for(self, size: int) -> bool:
+        """Whether the host tier can take ``size`` more bytes without evicting anything."""
+        return self.free(HOST) >= size
+
+    # ------------------------------------------------------------------ measurement
+
+    def used(self, device: str) -> int | None:
+        """Device memory in use now, as the device measures it (None for the host's shared RAM)."""
+        return self.devices[device].read().used if device != HOST and device in self.devices else None
+
+    def measured(self, model: LoadedModel, placement: Placement, used_before: int | None) -> dict[str, int]:
+        """A loaded model's size: what it reports, and on a GPU at least the growth NVML saw."""
+        sizes = dict(model.memory())
+        if used_before is not None:
+            grown = (self.used(placement.device) or 0) - used_before
+            sizes[placement.device] = max(sizes.get(placement.device, 0), grown)
+        return sizes
+
+    async def wait_released(self, device: str, used_before: int, size: int) -> None:
+        """After an eviction on a GPU, wait until NVML shows its memory back (within a tolerance);
+        report a leak when it does not come back in time."""
+        if device == HOST or device not in self.devices:
+            return
+        target = used_before - size + RELEASE_TOLERANCE
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        while (now := self.used(device) or 0) > target:
+            if time.monotonic() > deadline:
+                log.warning("%s: %s of %s evicted was not given back to the device (possible leak)",
+                            device, format_bytes(now - (used_before - size)), format_bytes(size))
+                return
+            await asyncio.sleep(0.005)

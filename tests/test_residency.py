@@ -1,0 +1,344 @@
+"""The memory manager's rules (budgets, placement, LRU eviction, the host tier, pinned and busy
+models, NVML-verified release, idle unloads) against a simulated GPU.
+
+Fakes, each standing in for something this machine lacks:
+- ``FakeGpu`` stands in for an NVML-measured GPU: a byte counter that models raise and lower.
+- ``GpuRuntime`` / ``GpuModel`` stand in for a torch runtime and a model holding GPU memory: they
+  add their size to the fake GPU on load, move it to host RAM on offload, and give it back on
+  unload, so the manager's bookkeeping can be checked against the "device" reading.
+The manager, ledger, residency and batcher under test are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmserver.devices import Device, MemoryReading
+from mmserver.errors import InsufficientMemory, ModelNotReady
+from mmserver.manager import ModelManager
+from mmserver.memory import Candidate, choose_victims, resolve_budget
+from mmserver.runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
+from mmserver.settings import Settings
+from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, ModelState
+
+MiB = 1024**2
+GPU_TOTAL = 1000 * MiB
+
+
+class FakeGpu(Device):
+    """Stands in for an NVML GPU: ``used`` is whatever the fake models put there."""
+
+    def __init__(self, name: str = "cuda:0", others: int = 0) -> None:
+        self.name = name
+        self.uuid = f"GPU-fake-{name}"
+        self.others = others
+        self.ours = 0
+
+    def read(self) -> MemoryReading:
+        return MemoryReading(GPU_TOTAL, self.others + self.ours, self.ours)
+
+
+class FakeHost(Device):
+    """Stands in for host RAM with a fixed size, so budgets do not depend on this machine."""
+
+    name = HOST
+    uuid = HOST
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def read(self) -> MemoryReading:
+        return MemoryReading(self.total, 0, 0)
+
+
+class GpuModel(LoadedModel):
+    """Stands in for a torch model on a GPU (see module docstring)."""
+
+    def __init__(self, gpu: FakeGpu, size: int, leak: int = 0) -> None:
+        self.gpu, self.size, self.leak = gpu, size, leak
+        self.where = "gpu"
+        self.gate: asyncio.Event | None = None
+        gpu.ours += size
+
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata("fake", [], [])
+
+    async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        assert self.where == "gpu", "a model computed while it was not on its device"
+        if self.gate is not None:
+            await self.gate.wait()
+        return [InferResponse([InferOutput("out", r.inputs[0].data)]) for r in requests]
+
+    async def unload(self) -> None:
+        if self.where == "gpu":
+            self.gpu.ours -= self.size - self.leak
+        self.where = "gone"
+
+    def memory(self) -> dict[str, int]:
+        return {self.gpu.name: self.size} if self.where == "gpu" else {HOST: self.size}
+
+    @property
+    def can_offload(self) -> bool:
+        return True
+
+    async def offload(self) -> None:
+        self.gpu.ours -= self.size - self.leak
+        self.where = "host"
+
+    async def restore(self, placement: Placement) -> None:
+        self.gpu.ours += self.size
+        self.where = "gpu"
+
+
+class GpuRuntime(Runtime):
+    """Stands in for a GPU runtime: model folders hold a ``size_mib`` file."""
+
+    name = "fakegpu"
+    supports_gpu = True
+
+    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0) -> None:
+        self.gpus, self.leak = gpus, leak
+        self.loaded: list[str] = []
+
+    def matches(self, path: Path) -> bool:
+        return (path / "size_mib").is_file()
+
+    def estimate(self, spec, placement: Placement) -> dict[str, int]:
+        return {placement.device: int((spec.artifact / "size_mib").read_text()) * MiB}
+
+    async def load(self, spec, placement: Placement) -> GpuModel:
+        self.loaded.append(spec.name)
+        size = int((spec.artifact / "size_mib").read_text()) * MiB
+        return GpuModel(self.gpus[placement.device], size, self.leak)
+
+
+def write_model(repo: Path, name: str, size_mib: int, yaml_text: str = "") -> None:
+    folder = repo / name
+    folder.mkdir(parents=True)
+    (folder / "size_mib").write_text(str(size_mib))
+    (folder / "model.yaml").write_text(f"runtime: fakegpu\n{yaml_text}")
+
+
+def request() -> InferRequest:
+    return InferRequest([InferInput("x", "FP32", np.zeros((1, 1), np.float32))])
+
+
+def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0, **settings):
+    gpu = FakeGpu()
+    runtime = GpuRuntime({"cuda:0": gpu}, leak)
+    manager = ModelManager(
+        Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
+                 memory_margin=0, **settings),
+        RuntimeRegistry({"fakegpu": runtime}),
+        devices={HOST: FakeHost(host), "cuda:0": gpu},
+    )
+    return manager, gpu, runtime
+
+
+def states(manager: ModelManager) -> dict[str, str]:
+    return {row["name"]: row["state"] for row in manager.index()}
+
+
+# ----------------------------------------------------------------------------- pure rules
+
+
+def test_budget_is_the_cap_but_never_more_than_others_leave():
+    assert resolve_budget(None, 1000, 100, 50) == 850
+    assert resolve_budget(400, 1000, 100, 50) == 400
+    assert resolve_budget(0.5, 1000, 100, 50) == 500
+    assert resolve_budget(0.95, 1000, 100, 50) == 850
+    assert resolve_budget(None, 100, 200, 0) == 0
+
+
+def test_victims_are_least_recently_used_and_as_few_as_needed():
+    a, b, c = Candidate("a", 100, 3.0), Candidate("b", 100, 1.0), Candidate("c", 300, 2.0)
+    assert choose_victims([a, b, c], 50) == [b]
+    assert choose_victims([a, b, c], 150) == [b, c]
+    assert choose_victims([a, b, c], 0) == []
+    assert choose_victims([a, b], 500) is None
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
+async def test_models_beyond_the_budget_evict_the_least_recently_used_to_host_memory(tmp_path):
+    for name in ("a", "b"):
+        write_model(tmp_path, name, 100)
+    write_model(tmp_path, "c", 150, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    await manager.start()
+    try:
+        assert states(manager) == {"a": "READY", "b": "READY", "c": "UNAVAILABLE"}
+        assert gpu.ours == 200 * MiB
+        await manager.infer(manager.entry("a"), request())  # b is now the least recently used
+        await manager.infer(manager.entry("c"), request())  # needs 150: 100 free, so b must go
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "c": "READY"}
+        assert manager.entry("b").reason == "in host memory, restores on the next request"
+        assert manager.ledger.held("b:1") == {HOST: 100 * MiB}
+        assert gpu.ours == 250 * MiB <= manager.ledger.budgets["cuda:0"]
+        # b comes back from host memory (not from disk), pushing out the LRU (a)
+        await manager.infer(manager.entry("b"), request())
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "c": "READY"}
+        assert runtime.loaded == ["a", "b", "c"]  # restored, never reloaded
+        assert gpu.ours == 250 * MiB
+        assert manager.ledger.used("cuda:0") == gpu.ours
+        assert manager.entry("a").metrics.evictions == 0  # metrics are off in this manager
+    finally:
+        await manager.stop()
+    assert gpu.ours == 0
+
+
+async def test_pinned_models_stay_and_a_model_that_cannot_fit_gets_a_clear_error(tmp_path):
+    write_model(tmp_path, "p", 200, "pinned: true\n")
+    write_model(tmp_path, "q", 50)
+    write_model(tmp_path, "big", 200, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    await manager.start()
+    try:
+        with pytest.raises(ModelNotReady) as info:
+            await manager.infer(manager.entry("big"), request())
+        message = info.value.message
+        assert "needs 200.0 MiB on cuda:0" in message
+        assert "evicting every idle model would free 50.0 MiB more" in message
+        assert "pinned: p:1" in message
+        assert states(manager) == {"p": "READY", "q": "READY", "big": "UNAVAILABLE"}
+        assert gpu.ours == 250 * MiB
+    finally:
+        await manager.stop()
+
+
+async def test_insufficient_memory_is_its_own_error_type(tmp_path):
+    write_model(tmp_path, "huge", 400)
+    manager, _, _ = make_manager(tmp_path)
+    await manager.start()
+    try:
+        entry = manager.entry("huge")
+        assert entry.state is ModelState.UNAVAILABLE
+        assert entry.reason.startswith("load failed: model huge:1 needs 400.0 MiB on cuda:0")
+        with pytest.raises(InsufficientMemory):
+            manager.residency.victims(entry, {"cuda:0": 400 * MiB}, [])
+    finally:
+        await manager.stop()
+
+
+async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
+    write_model(tmp_path, "busy", 150)
+    write_model(tmp_path, "idle", 100)
+    write_model(tmp_path, "new", 100, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    await manager.start()
+    try:
+        await manager.infer(manager.entry("idle"), request())  # busy is now the LRU...
+        model = manager.entry("busy").model
+        model.gate = asyncio.Event()
+        running = asyncio.create_task(manager.infer(manager.entry("busy"), request()))
+        await asyncio.sleep(0.01)
+        await manager.infer(manager.entry("new"), request())  # ...but it is busy: idle goes
+        assert states(manager) == {"busy": "READY", "idle": "UNAVAILABLE", "new": "READY"}
+        model.gate.set()
+        await running
+    finally:
+        await manager.stop()
+
+
+async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_path):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path, host=100 * MiB)  # the host tier cannot take 200
+    await manager.start()
+    try:
+        await manager.infer(manager.entry("b"), request())
+        assert manager.entry("a").reason == "evicted, reloads on the next request"
+        assert manager.ledger.held("a:1") == {}
+        await manager.infer(manager.entry("a"), request())
+        assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
+        assert gpu.ours == 200 * MiB
+    finally:
+        await manager.stop()
+
+
+async def test_memory_that_does_not_come_back_is_reported(tmp_path, caplog):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path, leak=150 * MiB)
+    await manager.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mmserver.residency"):
+            with pytest.raises(ModelNotReady) as info:  # the 150 MiB a leaked leave no room for b
+                await manager.infer(manager.entry("b"), request())
+        assert "possible leak" in caplog.text
+        assert "model b:1 needs 200.0 MiB on cuda:0; 150.0 MiB is free" in info.value.message
+        assert gpu.ours == 150 * MiB <= manager.ledger.budgets["cuda:0"]
+    finally:
+        await manager.stop()
+
+
+async def test_idle_models_are_evicted_after_their_timeout(tmp_path):
+    write_model(tmp_path, "short", 100, "idle_unload_s: 0.2\n")
+    write_model(tmp_path, "pinned", 100, "idle_unload_s: 0.2\npinned: true\n")
+    write_model(tmp_path, "forever", 100)
+    manager, gpu, _ = make_manager(tmp_path)
+    await manager.start()
+    try:
+        await asyncio.sleep(1.5)
+        assert states(manager) == {"short": "UNAVAILABLE", "pinned": "READY", "forever": "READY"}
+        assert manager.entry("short").evicted
+        await manager.infer(manager.entry("short"), request())  # and it comes back on demand
+        assert states(manager)["short"] == "READY"
+    finally:
+        await manager.stop()
+
+
+async def test_the_ledger_keeps_the_growth_the_device_measured(tmp_path):
+    class Growing(GpuRuntime):
+        async def load(self, spec, placement):
+            model = await super().load(spec, placement)
+            self.gpus[placement.device].ours += 30 * MiB  # workspace the model does not report
+            return model
+
+    write_model(tmp_path, "a", 100)
+    gpu = FakeGpu()
+    manager = ModelManager(
+        Settings(model_repository=tmp_path, gpu_memory_budget="300MiB", memory_margin=0),
+        RuntimeRegistry({"fakegpu": Growing({"cuda:0": gpu})}),
+        devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
+    )
+    await manager.start()
+    try:
+        assert manager.ledger.held("a:1") == {"cuda:0": 130 * MiB}
+    finally:
+        await manager.stop()
+
+
+async def test_placement_honours_the_device_setting(tmp_path):
+    write_model(tmp_path, "g", 10)
+    write_model(tmp_path, "x", 10, "device: cuda:3\n")
+    manager, _, _ = make_manager(tmp_path)
+    await manager.start()
+    try:
+        assert manager.ledger.held("g:1") == {"cuda:0": 10 * MiB}
+        assert manager.entry("x").reason == "load failed: device 'cuda:3' does not exist (GPUs: cuda:0)"
+    finally:
+        await manager.stop()
+
+
+async def test_budget_leaves_room_for_other_processes(tmp_path):
+    write_model(tmp_path, "a", 10)
+    gpu = FakeGpu(others=900 * MiB)
+    manager = ModelManager(
+        Settings(model_repository=tmp_path, memory_margin=0),
+        RuntimeRegistry({"fakegpu": GpuRuntime({"cuda:0": gpu})}),
+        devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
+    )
+    await manager.start()
+    try:
+        assert manager.ledger.budgets["cuda:0"] == 100 * MiB
+        gpu.others += 95 * MiB  # another process grows after start: the measured free memory wins
+        assert manager.residency.free("cuda:0") == 100 * MiB - 10 * MiB - 95 * MiB
+    finally:
+        await manager.stop()
