@@ -876,8 +876,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_dockerfile_cpu_image_in_a_fresh_venv(dockerfile, tmp_path):
-    """Build (builder + final stages) and run the CPU image's steps outside Docker."""
+    """Build (builder + final stages) and run the CPU image's steps outside Docker.
+    MMSERVER_TEST_RUNTIMES="sklearn xgboost transformers" stands for --build-arg RUNTIMES=..."""
     build_args = {"VARIANT": "cpu"}
+    if os.environ.get("MMSERVER_TEST_RUNTIMES"):
+        build_args["RUNTIMES"] = os.environ["MMSERVER_TEST_RUNTIMES"]
     final_args = stage_args(dockerfile, dockerfile.stage("final"), build_args)
     if "transformers" in final_args["RUNTIMES"].split() and not host_resolves(TORCH_CPU_HOST):
         stand_in = local_torch_index(tmp_path, final_args["TORCH_VERSION"])
