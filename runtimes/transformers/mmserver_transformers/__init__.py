@@ -1,0 +1,46 @@
+"""Hugging Face transformers runtime for mmserver: text classification, embeddings and (small,
+CPU-friendly) text generation from a ``save_pretrained`` folder.
+
+A model folder is ``config.json`` plus weights (``*.safetensors`` or ``pytorch_model.bin``) and its
+tokenizer files. The task comes from ``model.yaml`` ``parameters.task`` or from the checkpoint's
+``architectures``. Detection and memory estimates read files only: torch and transformers are
+imported when the first model loads (``mmserver_transformers.model``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, run_sync
+from mmserver.spec import ModelSpec
+
+from .estimate import TORCH_BIN, estimate_memory
+from .options import CONFIG_FILE
+
+__all__ = ["TransformersRuntime", "estimate_memory"]
+
+
+class TransformersRuntime(Runtime):
+    """Loads Hugging Face checkpoints with transformers and torch."""
+
+    name = "transformers"
+    supports_gpu = True  # load() takes cuda:N placements (fp16/bf16) and offers the host tier
+
+    def matches(self, path: Path) -> bool:
+        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+            return False
+        return (path / TORCH_BIN).is_file() or any(p.is_file() for p in path.glob("*.safetensors"))
+
+    def estimate(self, spec: ModelSpec, placement: Placement | None = None) -> dict[str, int]:
+        # The contract's estimate() has no placement; the manager places models on the host today.
+        device = placement.device if placement is not None else HOST
+        return estimate_memory(spec.artifact, device, spec.config.parameters)
+
+    async def load(self, spec: ModelSpec, placement: Placement):
+        return await run_sync(_load, spec, placement)
+
+
+def _load(spec: ModelSpec, placement: Placement):
+    with IMPORT_LOCK:  # the first import of torch and transformers, off the event loop
+        from .model import load_model
+    return load_model(spec, placement)

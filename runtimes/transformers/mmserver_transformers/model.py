@@ -1,0 +1,678 @@
+"""A loaded Hugging Face model: validation, padding-aware batching, compute, and the host tier.
+
+This module imports torch and transformers at the top: it is imported only by
+``TransformersRuntime.load``, on a worker thread and under ``IMPORT_LOCK``.
+
+One request carries texts (BYTES ``text`` / ``text_input``, ``[N]`` or ``[N, 1]``) or token ids
+(``input_ids`` ``[N, L]`` with an optional ``attention_mask``). A batch of requests is tokenized
+without padding, every row is re-packed to its attended tokens and padded once for the whole batch
+(on the right for encoders, on the left for generation), so a row's result does not depend on its
+batch mates. Compute runs on the thread pool under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
+from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
+from mmserver.spec import ModelSpec
+from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
+
+from .estimate import weight_files
+from .options import (
+    CLASSIFICATION,
+    EMBEDDING,
+    GENERATION,
+    GenerationParams,
+    Options,
+    dtype_for,
+    max_positions,
+    read_config,
+)
+
+log = logging.getLogger("mmserver_transformers")
+
+TEXT_INPUTS = ("text", "text_input")
+IDS_INPUT, MASK_INPUT = "input_ids", "attention_mask"
+OUTPUTS = {
+    CLASSIFICATION: ("scores", "label"),
+    EMBEDDING: ("embedding",),
+    GENERATION: ("text_output", "output_ids"),
+}
+AUTO_CLASSES = {
+    CLASSIFICATION: AutoModelForSequenceClassification,
+    EMBEDDING: AutoModel,
+    GENERATION: AutoModelForCausalLM,
+}
+#: a text longer than this many bytes per allowed token is refused without tokenizing it
+MAX_BYTES_PER_TOKEN = 32
+#: tokenizers without a limit report this (transformers' VERY_LARGE_INTEGER)
+_UNLIMITED = 10**12
+HEARTBEAT_S = 10.0
+
+# Sampling draws from torch's global generator: a seeded request must not share it with another
+# sampling call running at the same time, or its text would not be reproducible.
+_SAMPLING_LOCK = threading.Lock()
+
+transformers.utils.logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(spec: ModelSpec, placement: Placement) -> TransformersModel:
+    """Load ``spec``'s checkpoint onto ``placement.device`` (runs on a worker thread)."""
+    folder = spec.artifact
+    config = read_config(folder)
+    parameters = spec.config.parameters
+    options = Options.parse(parameters, config)
+    device = placement.device
+    if placement.is_gpu and not torch.cuda.is_available():
+        raise ModelLoadError(f"placement {device} needs CUDA, which this torch build cannot use")
+    dtype = dtype_for(device, parameters, config)
+    if not weight_files(folder):
+        raise ModelLoadError(f"no *.safetensors or pytorch_model.bin in {folder}")
+    label = f"{spec.name}:{spec.version}"
+    started = time.monotonic()
+    log.info("model %s: loading %s (%s) as %s on %s", label, folder, options.task, dtype, device)
+    with _Heartbeat(label, started):
+        with IMPORT_LOCK:  # these import the model's and tokenizer's modules on first use
+            hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            model_class = _model_class(options.task, hf_config)
+            padding_side = "left" if options.task == GENERATION else "right"
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side=padding_side)
+            except (OSError, ValueError, TypeError) as exc:
+                raise ModelLoadError(f"cannot load the tokenizer in {folder}: {exc}") from None
+        model = model_class.from_pretrained(
+            folder, config=hf_config, dtype=getattr(torch, dtype), local_files_only=True
+        )
+        model.eval()
+        if placement.is_gpu:
+            model.to(device)
+            torch.cuda.synchronize(device)
+    loaded = TransformersModel(model, tokenizer, options, config, device, dtype, label)
+    log.info("model %s: loaded in %.1f s (%s)", label, time.monotonic() - started,
+             ", ".join(f"{d} {n / 2**20:.1f} MiB" for d, n in loaded.memory().items()))
+    return loaded
+
+
+def _model_class(task: str, hf_config: Any) -> Any:
+    """The concrete model class for the task (importing its module now, under the import lock)."""
+    auto = AUTO_CLASSES[task]
+    try:
+        return auto._model_mapping[type(hf_config)]
+    except (KeyError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"transformers has no {auto.__name__} for model type {hf_config.model_type!r} "
+            f"(task {task}): {exc}"
+        ) from None
+
+
+class _Heartbeat:
+    """Logs every few seconds while a long load runs."""
+
+    def __init__(self, label: str, started: float) -> None:
+        self.label, self.started = label, started
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"loading {label}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(HEARTBEAT_S):
+            log.info("model %s: still loading after %.0f s", self.label, time.monotonic() - self.started)
+
+
+class _TokenCounter:
+    """Counts tokens on the event loop with its own copy of the tokenizer (fast tokenizers refuse
+    to be used from two threads at once while the worker thread encodes a batch)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast.no_truncation()
+            self._fast.no_padding()
+            self._slow = None
+        else:
+            self._fast = None
+            self._slow = copy.deepcopy(tokenizer)
+
+    def count(self, texts: list[str]) -> list[int]:
+        if self._fast is not None:
+            return [len(e.ids) for e in self._fast.encode_batch(texts, add_special_tokens=True)]
+        return [len(ids) for ids in self._slow(texts, add_special_tokens=True)["input_ids"]]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class TransformersModel(LoadedModel):
+    """A loaded classification, embedding or generation model."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: Options, config: dict[str, Any],
+                 device: str, dtype: str, label: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.task = options.task
+        self.device = device
+        self.dtype = dtype
+        self.label = label
+        self.threads = options.threads
+        self._lock = threading.Lock()  # compute, offload, restore and unload never overlap
+        self._offloaded = False
+        self._gpu = device.startswith("cuda")
+
+        if tokenizer.pad_token_id is None:  # e.g. GPT-2 and Llama tokenizers: pad with eos (masked anyway)
+            fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+            tokenizer.pad_token = fallback
+        self.pad_id = int(tokenizer.pad_token_id)
+        if getattr(model.config, "pad_token_id", None) is None:  # decoder classifiers look for it
+            model.config.pad_token_id = self.pad_id
+        if self.task == GENERATION:
+            tokenizer.truncation_side = "left"  # keep the end of a prompt that is too long
+
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+        limits = [n for n in (max_positions(config), tokenizer.model_max_length) if n and n < _UNLIMITED]
+        self.limit: int | None = min(limits) if limits else None
+        self._counter = _TokenCounter(tokenizer)
+        self._n_special = self._counter.count([""])[0]
+
+        if self.task == CLASSIFICATION:
+            id2label = getattr(model.config, "id2label", None) or {}
+            n_labels = int(getattr(model.config, "num_labels", len(id2label)))
+            self.labels = np.empty(n_labels, dtype=object)
+            self.labels[:] = [str(id2label.get(i, i)).encode() for i in range(n_labels)]
+            out_specs = [TensorSpec("scores", "FP32", (-1, n_labels)), TensorSpec("label", "BYTES", (-1,))]
+        elif self.task == EMBEDDING:
+            hidden = getattr(model.config, "hidden_size", None) or -1
+            out_specs = [TensorSpec("embedding", "FP32", (-1, hidden))]
+        else:
+            out_specs = [TensorSpec("text_output", "BYTES", (-1,)), TensorSpec("output_ids", "INT64", (-1, -1))]
+            self.generation_config = copy.deepcopy(model.generation_config)
+            self.generation_config.pad_token_id = self.pad_id
+            eos = self.generation_config.eos_token_id
+            if eos is None:
+                eos = tokenizer.eos_token_id
+            self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+            self.default_do_sample = bool(self.generation_config.do_sample)
+        self._outputs = out_specs
+        self._output_names = tuple(spec.name for spec in out_specs)
+        self._memory = self._measure()
+
+    # -------------------------------------------------------------- metadata
+
+    def metadata(self) -> ModelMetadata:
+        parameters: dict[str, Any] = {
+            "task": self.task, "dtype": self.dtype, "device": self.device,
+            "inputs": "text or text_input (BYTES [N] or [N, 1]), or input_ids (INT64 [N, L]) with an "
+                      "optional attention_mask",
+        }
+        if self.limit is not None:
+            parameters["max_tokens"] = self.limit
+        return ModelMetadata(
+            platform="transformers",
+            inputs=[TensorSpec("text", "BYTES", (-1,))],
+            outputs=list(self._outputs),
+            parameters=parameters,
+        )
+
+    # -------------------------------------------------------------- validation (event loop)
+
+    def validate(self, request: InferRequest) -> None:
+        for name in request.output_names:
+            if name not in self._output_names:
+                raise InvalidInput(
+                    f"unknown output '{name}'; this {self.task} model offers {', '.join(self._output_names)}"
+                )
+        kind, primary, mask = self._layout(request)
+        truncation = self._truncation(request)
+        if self.task == EMBEDDING:
+            _flag(request, "normalize")
+        gen = self._generation(request) if self.task == GENERATION else None
+        room = self._room(gen)
+        if kind == "text":
+            self._check_texts(primary, room, truncation)
+        else:
+            self._check_ids(primary, mask, room)
+
+    def _layout(self, request: InferRequest) -> tuple[str, InferInput, InferInput | None]:
+        """Which inputs the request uses: ("text", texts, None) or ("ids", input_ids, mask)."""
+        texts = ids = mask = None
+        for tensor in request.inputs:
+            if tensor.name in TEXT_INPUTS:
+                if texts is not None:
+                    raise InvalidInput(f"inputs '{texts.name}' and '{tensor.name}' both carry texts; send one")
+                texts = tensor
+            elif tensor.name == IDS_INPUT:
+                ids = tensor
+            elif tensor.name == MASK_INPUT:
+                mask = tensor
+            else:
+                raise InvalidInput(
+                    f"input '{tensor.name}' is not an input of this model; it takes 'text' (BYTES [N]) "
+                    f"or 'input_ids' (INT64 [N, L]) with an optional 'attention_mask'"
+                )
+        if texts is not None:
+            if ids is not None or mask is not None:
+                other = ids if ids is not None else mask
+                raise InvalidInput(f"input '{other.name}' cannot be combined with the texts of input '{texts.name}'")
+            if texts.datatype != "BYTES":
+                raise InvalidInput(f"input '{texts.name}' is {texts.datatype}; texts must be BYTES")
+            shape = texts.data.shape
+            if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+                raise InvalidInput(f"input '{texts.name}' has shape {list(shape)}; expected [N] or [N, 1]")
+            return "text", texts, None
+        if ids is None:
+            raise InvalidInput(f"input '{MASK_INPUT}' needs '{IDS_INPUT}' beside it")
+        if ids.data.dtype.kind not in "iu":
+            raise InvalidInput(f"input '{IDS_INPUT}' is {ids.datatype}; token ids must be integers (INT64)")
+        if ids.data.ndim != 2:
+            raise InvalidInput(f"input '{IDS_INPUT}' has shape {list(ids.data.shape)}; expected [N, L]")
+        if mask is not None:
+            if mask.data.dtype.kind not in "iub":
+                raise InvalidInput(f"input '{MASK_INPUT}' is {mask.datatype}; expected INT64 (or BOOL)")
+            if mask.data.shape != ids.data.shape:
+                raise InvalidInput(
+                    f"input '{MASK_INPUT}' has shape {list(mask.data.shape)}; it must match "
+                    f"'{IDS_INPUT}' {list(ids.data.shape)}"
+                )
+        return "ids", ids, mask
+
+    def _truncation(self, request: InferRequest) -> bool:
+        return _flag(request, "truncation", self.options.truncation)
+
+    def _generation(self, request: InferRequest) -> GenerationParams:
+        return GenerationParams.parse(
+            request.parameters, self.options.max_new_tokens, self.default_do_sample, self.limit
+        )
+
+    def _room(self, gen: GenerationParams | None) -> int | None:
+        """The most tokens a prompt row may have."""
+        if self.limit is None:
+            return None
+        return self.limit - gen.max_new_tokens if gen is not None else self.limit
+
+    def _check_texts(self, tensor: InferInput, room: int | None, truncation: bool) -> None:
+        raw = tensor.data.reshape(-1)
+        long_rows: list[int] = []
+        for i, item in enumerate(raw):
+            try:
+                item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input '{tensor.name}': text {i} is not valid UTF-8") from None
+            if not item and not self._n_special:
+                raise InvalidInput(f"input '{tensor.name}': text {i} is empty")
+            # a token covers at least one byte (one more for a tokenizer's leading-space marker)
+            if room is not None and not truncation and len(item) + self._n_special + 1 > room:
+                long_rows.append(i)
+        if not long_rows:
+            return
+        for i in long_rows:
+            if len(raw[i]) > MAX_BYTES_PER_TOKEN * room:
+                raise InvalidInput(self._too_long(tensor.name, i, f"{len(raw[i])} bytes", room))
+        counts = self._counter.count([raw[i].decode("utf-8") for i in long_rows])
+        for i, count in zip(long_rows, counts):
+            if count > room:
+                raise InvalidInput(self._too_long(tensor.name, i, f"{count} tokens", room))
+
+    def _check_ids(self, ids: InferInput, mask: InferInput | None, room: int | None) -> None:
+        data = ids.data
+        if data.size and (data.min() < 0 or data.max() >= self.vocab_size):
+            raise InvalidInput(f"input '{IDS_INPUT}': token ids must be in [0, {self.vocab_size})")
+        if mask is not None and mask.data.size and not np.isin(mask.data, (0, 1)).all():
+            raise InvalidInput(f"input '{MASK_INPUT}' must hold 0 and 1 only")
+        lengths = mask.data.astype(np.int64).sum(axis=1) if mask is not None else np.full(data.shape[0], data.shape[1])
+        if lengths.size and lengths.min() == 0:
+            row = int(np.argmin(lengths))
+            raise InvalidInput(f"input '{IDS_INPUT}': row {row} has no tokens")
+        if room is not None and lengths.size and lengths.max() > room:
+            row = int(np.argmax(lengths))
+            raise InvalidInput(self._too_long(IDS_INPUT, row, f"{int(lengths[row])} tokens", room, ids=True))
+
+    def _too_long(self, name: str, row: int, size: str, room: int, ids: bool = False) -> str:
+        what = "row" if ids else "text"
+        limit = f"the model takes at most {room} tokens"
+        if self.task == GENERATION and self.limit is not None:
+            limit += f" ({self.limit} positions minus max_new_tokens {self.limit - room})"
+        hint = "" if ids else "; send a shorter text or set parameters.truncation: true"
+        return f"input '{name}': {what} {row} is {size} long and {limit}{hint}"
+
+    # -------------------------------------------------------------- batching
+
+    def rows(self, request: InferRequest) -> int:
+        return int(self._layout(request)[1].data.shape[0])
+
+    def batch_key(self, request: InferRequest) -> Hashable:
+        """Requests of one batch share inputs, outputs and generation settings, and lengths of
+        the same power of two (so short texts are not padded to long ones)."""
+        kind, primary, mask = self._layout(request)
+        if kind == "text":
+            longest = max((len(t) for t in primary.data.reshape(-1)), default=0)
+            layout: tuple[Any, ...] = ("text", longest.bit_length())
+        else:
+            layout = ("ids", mask is not None, int(primary.data.shape[1]).bit_length())
+        gen = self._generation(request) if self.task == GENERATION else None
+        # a seeded sampling request runs alone: its random draws must not depend on batch mates
+        alone = id(request) if gen is not None and gen.do_sample and gen.seed is not None else None
+        return layout, request.output_names, gen, alone
+
+    # -------------------------------------------------------------- compute (thread pool)
+
+    async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        return await run_sync(self._infer_batch, requests)
+
+    def _infer_batch(self, requests: list[InferRequest]) -> list[InferResponse]:
+        with self._lock:
+            if self.model is None:
+                raise ModelNotReady(f"model {self.label} is unloaded")
+            if self._offloaded:
+                raise ModelNotReady(f"model {self.label} is offloaded to host memory; restore it first")
+            if torch.get_num_threads() != self.threads:  # torch's thread count is per calling thread
+                torch.set_num_threads(self.threads)
+            names = requests[0].output_names or self._output_names
+            rows, counts = self._token_rows(requests)
+            gen = self._generation(requests[0]) if self.task == GENERATION else None
+            if not rows:
+                results = self._empty()
+            else:
+                with torch.inference_mode():
+                    if self.task == CLASSIFICATION:
+                        results = self._classify(rows)
+                    elif self.task == EMBEDDING:
+                        results = self._embed(rows)
+                    else:
+                        results = self._generate(rows, gen)
+            return self._split(requests, results, counts, names)
+
+    def _token_rows(self, requests: list[InferRequest]) -> tuple[list[list[int]], list[int]]:
+        """Every row of the batch as its list of attended token ids, and the rows per request."""
+        rows: list[list[int]] = []
+        counts: list[int] = []
+        kind = self._layout(requests[0])[0]
+        if kind == "text":
+            texts: list[str] = []
+            for request in requests:
+                tensor = self._layout(request)[1]
+                items = [t.decode("utf-8") for t in tensor.data.reshape(-1)]
+                texts.extend(items)
+                counts.append(len(items))
+            if texts:
+                rows = self._tokenize(texts, requests, counts)
+        else:
+            for request in requests:
+                _, ids, mask = self._layout(request)
+                keep = mask.data.astype(bool) if mask is not None else np.ones(ids.data.shape, bool)
+                rows.extend(row[k].astype(np.int64).tolist() for row, k in zip(ids.data, keep))
+                counts.append(ids.data.shape[0])
+        return rows, counts
+
+    def _tokenize(self, texts: list[str], requests: list[InferRequest], counts: list[int]) -> list[list[int]]:
+        gen = self._generation(requests[0]) if self.task == GENERATION else None
+        room = self._room(gen)
+        truncation = room is not None and any(self._truncation(r) for r in requests)
+        encoded = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=truncation,
+                                 max_length=room if truncation else None)["input_ids"]
+        for index, ids in enumerate(encoded):  # validate() already refused these; this is a backstop
+            if not ids or (room is not None and len(ids) > room):
+                request = requests[_owner(index, counts)]
+                name = self._layout(request)[1].name
+                row = index - sum(counts[: _owner(index, counts)])
+                size = f"{len(ids)} tokens"
+                raise InvalidInput(f"input '{name}': text {row} is empty" if not ids
+                                   else self._too_long(name, row, size, room))
+        return encoded
+
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One [B, L] batch: right padding for encoders, left padding for generation."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        left = self.task == GENERATION
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = row
+            mask[i, span] = 1
+        return (torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+
+    def _classify(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        ids, mask = self._padded(rows)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        scores = torch.softmax(logits, dim=-1).cpu().numpy()
+        return {"scores": scores, "label": self.labels.take(scores.argmax(axis=1))}
+
+    def _embed(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        ids, mask = self._padded(rows)
+        hidden = self.model(input_ids=ids, attention_mask=mask)[0].float()
+        if self.options.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.options.pooling == "last":
+            last = mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return {"embedding": pooled.cpu().numpy()}
+
+    def _generate(self, rows: list[list[int]], gen: GenerationParams) -> dict[str, Any]:
+        ids, mask = self._padded(rows)
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = gen.max_new_tokens
+        config.max_length = None
+        config.do_sample = gen.do_sample
+        if gen.do_sample:
+            if gen.temperature is not None:
+                config.temperature = gen.temperature
+            if gen.top_p is not None:
+                config.top_p = gen.top_p
+        else:  # greedy: sampling settings of the checkpoint's generation_config do not apply
+            config.temperature = config.top_p = config.top_k = None
+        if gen.do_sample:
+            with _SAMPLING_LOCK:
+                if gen.seed is not None:
+                    torch.manual_seed(gen.seed)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        else:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new_tokens = out[:, ids.shape[1]:].cpu().numpy()
+        generated: list[list[int]] = []
+        for row in new_tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            generated.append(row[:end])
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return {"text_output": [t.encode("utf-8") for t in texts], "output_ids": generated}
+
+    def _empty(self) -> dict[str, Any]:
+        """The results of a batch without rows (every request has N = 0)."""
+        widths = {spec.name: max(spec.shape[-1], 0) for spec in self._outputs}
+        return {
+            "scores": np.zeros((0, widths.get("scores", 0)), np.float32), "label": np.empty(0, object),
+            "embedding": np.zeros((0, widths.get("embedding", 0)), np.float32),
+            "text_output": [], "output_ids": [],
+        }
+
+    def _split(self, requests: list[InferRequest], results: dict[str, Any], counts: list[int],
+               names: Sequence[str]) -> list[InferResponse]:
+        responses = []
+        start = 0
+        for request, count in zip(requests, counts):
+            part = slice(start, start + count)
+            start += count
+            outputs = []
+            for name in names:
+                value = results[name][part]
+                if name == "embedding" and _flag(request, "normalize", self.options.normalize) and count:
+                    norms = np.linalg.norm(value, axis=1, keepdims=True)
+                    value = value / np.maximum(norms, 1e-12)
+                if name == "text_output":
+                    array = np.empty(count, dtype=object)
+                    array[:] = value
+                    outputs.append(InferOutput(name, array, "BYTES"))
+                elif name == "output_ids":
+                    width = max((len(r) for r in value), default=0)
+                    array = np.full((count, width), -1, dtype=np.int64)
+                    for i, row in enumerate(value):
+                        array[i, : len(row)] = row
+                    outputs.append(InferOutput(name, array, "INT64"))
+                elif name == "label":
+                    outputs.append(InferOutput(name, value, "BYTES"))
+                else:
+                    outputs.append(InferOutput(name, np.ascontiguousarray(value, dtype=np.float32), "FP32"))
+            responses.append(InferResponse(outputs=outputs))
+        if start != sum(counts):
+            raise InferenceError(f"the batch produced {start} rows for {sum(counts)}")
+        return responses
+
+    # -------------------------------------------------------------- memory and host tier
+
+    def memory(self) -> dict[str, int]:
+        return dict(self._memory)
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        """Every parameter and buffer once (tied weights are one tensor)."""
+        seen: set[int] = set()
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+    def _measure(self) -> dict[str, int]:
+        """Bytes of parameters and buffers per device, counting shared storage once."""
+        totals: dict[str, int] = {}
+        seen: set[tuple[str, int]] = set()
+        for tensor in self._tensors():
+            device = HOST if tensor.device.type == "cpu" else str(tensor.device)
+            key = (device, tensor.data_ptr())
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            totals[device] = totals.get(device, 0) + tensor.numel() * tensor.element_size()
+        return totals
+
+    @property
+    def can_offload(self) -> bool:
+        return self._gpu and self.model is not None
+
+    async def offload(self) -> None:
+        if not self.can_offload:
+            raise TypeError(f"model {self.label} is not on a GPU: it has no host tier")
+        await run_sync(self._offload)
+
+    def _offload(self) -> None:
+        with self._lock:
+            if self._offloaded or self.model is None:
+                return
+            started = time.perf_counter()
+            device = torch.device(self.device)
+            moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+            for tensor in self._tensors():
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+                pinned = moved.get(key)
+                if pinned is None:
+                    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+                    pinned.copy_(tensor.data, non_blocking=True)
+                    moved[key] = pinned
+                tensor.data = pinned
+            torch.cuda.synchronize(device)
+            moved.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            self._offloaded = True
+            self._memory = self._measure()
+            log.info("model %s: offloaded to pinned host memory in %.3f s", self.label,
+                     time.perf_counter() - started)
+
+    async def restore(self, placement: Placement) -> None:
+        if not placement.is_gpu:
+            raise TypeError(f"model {self.label} restores onto a GPU, not {placement.device}")
+        await run_sync(self._restore, placement.device)
+
+    def _restore(self, device_name: str) -> None:
+        with self._lock:
+            if self.model is None:
+                raise ModelNotReady(f"model {self.label} is unloaded")
+            if not self._offloaded:
+                if device_name == self.device:
+                    return
+                raise ModelNotReady(f"model {self.label} is on {self.device}; offload it before moving it")
+            started = time.perf_counter()
+            device = torch.device(device_name)
+            moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+            for tensor in self._tensors():
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+                target = moved.get(key)
+                if target is None:
+                    target = tensor.data.to(device, non_blocking=True)
+                    moved[key] = target
+                tensor.data = target
+            torch.cuda.synchronize(device)
+            self.device = device_name
+            self._offloaded = False
+            self._memory = self._measure()
+            log.info("model %s: restored onto %s in %.3f s", self.label, device_name,
+                     time.perf_counter() - started)
+
+    async def unload(self) -> None:
+        await run_sync(self._unload)
+
+    def _unload(self) -> None:
+        with self._lock:
+            if self.model is None:
+                return
+            # Free the storage even if module objects outlive this (the server freezes long-lived
+            # objects out of the garbage collector, so reference cycles would keep them).
+            for tensor in self._tensors():
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            self.model = None
+            self.tokenizer = None
+            self._counter = None
+            self._memory = {}
+        gc.collect()
+        if self._gpu and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("model %s: unloaded", self.label)
+
+
+def _flag(request: InferRequest, name: str, default: bool = False) -> bool:
+    value = request.parameters.get(name, default)
+    if type(value) is not bool:
+        raise InvalidInput(f"parameter '{name}' is {value!r}; expected true or false")
+    return value
+
+
+def _owner(index: int, counts: list[int]) -> int:
+    """The request that row ``index`` of the batch belongs to."""
+    for request, end in enumerate(itertools.accumulate(counts)):
+        if index < end:
+            return request
+    raise IndexError(index)
+

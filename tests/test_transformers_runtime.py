@@ -1,0 +1,787 @@
+"""The transformers runtime: detection, estimates, validation, batching, and the three tasks end to
+end through the real server, compared with what transformers computes in-process.
+
+The models are tiny and random (``tests/tiny_hf.py``), built in the session; nothing is downloaded.
+torch and transformers are imported by fixtures only, so collecting this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("mmserver_transformers")
+
+import tiny_hf  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest mode)
+from mmserver.errors import InvalidInput, ModelLoadError  # noqa: E402
+from mmserver.runtime import Placement, RuntimeRegistry  # noqa: E402
+from mmserver.spec import ModelConfig, ModelSpec  # noqa: E402
+from mmserver.types import InferInput, InferRequest, RequestedOutput  # noqa: E402
+from mmserver_transformers import TransformersRuntime  # noqa: E402
+from mmserver_transformers.estimate import (  # noqa: E402
+    ALLOWANCE_FIXED,
+    activation_allowance,
+    checkpoint_bytes,
+    estimate_memory,
+    header_tensors,
+    safetensors_header,
+    weight_bytes,
+)
+from mmserver_transformers.options import (  # noqa: E402
+    GenerationParams,
+    Options,
+    dtype_for,
+    read_config,
+    task_of,
+)
+
+#: the estimate of the weights may miss buffers a checkpoint does not store (BERT's position_ids
+#: and token_type_ids, Llama's rotary inv_freq): at most this share of the real bytes
+ESTIMATE_TOLERANCE = 0.02
+
+TEXTS = [
+    "the cat is quick",
+    "hi",
+    "a dog ran along the river with seven bright stones and a light green queue of tokens",
+    "memory device tensor shape",
+]
+
+
+def _texts(*texts: str | bytes) -> np.ndarray:
+    array = np.empty(len(texts), dtype=object)
+    array[:] = [t.encode() if isinstance(t, str) else t for t in texts]
+    return array
+
+
+def text_request(*texts: str | bytes, name: str = "text", outputs: tuple[str, ...] = (),
+                 **parameters: Any) -> InferRequest:
+    return InferRequest([InferInput(name, "BYTES", _texts(*texts))],
+                        outputs=[RequestedOutput(o) for o in outputs], parameters=parameters)
+
+
+def spec_for(folder: Path, name: str = "m", **parameters: Any) -> ModelSpec:
+    return ModelSpec(name, "1", folder, "transformers", ModelConfig(parameters=parameters), "test")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class HFRepo:
+    path: Path
+
+    def folder(self, model: str) -> Path:
+        return self.path / model
+
+
+@pytest.fixture(scope="session")
+def hf_repo(tmp_path_factory: pytest.TempPathFactory) -> HFRepo:
+    """A repository with the three tiny models (and a truncating copy of the classifier)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf") / "repo"
+    tiny_hf.build_classifier(root / "classifier")  # no model.yaml: detected from its files
+    shutil.copytree(root / "classifier", root / "classifier-trunc")
+    (root / "classifier-trunc" / "model.yaml").write_text(
+        "runtime: transformers\nparameters: {truncation: true}\n"
+    )
+    tiny_hf.build_embedder(root / "embedder")
+    (root / "embedder" / "model.yaml").write_text(
+        "parameters: {task: embedding}\nbatching: {max_delay_ms: 50, max_batch_size: 64}\n"
+    )
+    tiny_hf.build_generator(root / "generator")
+    (root / "generator" / "model.yaml").write_text(
+        "runtime: transformers\nparameters: {max_new_tokens: 6, threads: 1}\n"
+        "batching: {max_delay_ms: 50}\n"
+    )
+    return HFRepo(root)
+
+
+@dataclass
+class Reference:
+    """The checkpoints loaded by transformers itself, for in-process answers."""
+
+    classifier: Any
+    classifier_tok: Any
+    embedder: Any
+    embedder_tok: Any
+    generator: Any
+    generator_tok: Any
+
+    def scores(self, text: str) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            enc = self.classifier_tok([text], return_tensors="pt")
+            return torch.softmax(self.classifier(**enc).logits, -1)[0].numpy()
+
+    def embedding(self, text: str) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            enc = self.embedder_tok([text], return_tensors="pt")
+            hidden = self.embedder(**enc).last_hidden_state[0]
+            mask = enc["attention_mask"][0].unsqueeze(-1).float()
+            return ((hidden * mask).sum(0) / mask.sum()).numpy()
+
+    def generate(self, text: str, max_new_tokens: int) -> list[int]:
+        import torch
+
+        with torch.inference_mode():
+            enc = self.generator_tok([text], return_tensors="pt")
+            out = self.generator.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.generator_tok.pad_token_id)
+        tokens = out[0, enc["input_ids"].shape[1]:].tolist()
+        eos = self.generator_tok.eos_token_id
+        return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@pytest.fixture(scope="session")
+def reference(hf_repo: HFRepo) -> Reference:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.set_num_threads(1)
+    load = lambda cls, name: cls.from_pretrained(hf_repo.folder(name)).eval()  # noqa: E731
+    tok = lambda name: AutoTokenizer.from_pretrained(hf_repo.folder(name))  # noqa: E731
+    return Reference(
+        load(AutoModelForSequenceClassification, "classifier"), tok("classifier"),
+        load(AutoModel, "embedder"), tok("embedder"),
+        load(AutoModelForCausalLM, "generator"), tok("generator"),
+    )
+
+
+@pytest.fixture(scope="session")
+def loaded(hf_repo: HFRepo) -> Iterator[dict[str, Any]]:
+    """The three models loaded in-process by the runtime (CPU placement)."""
+    runtime = TransformersRuntime()
+    models = {
+        name: asyncio.run(runtime.load(spec_for(hf_repo.folder(name), name, **params), Placement()))
+        for name, params in (("classifier", {}), ("embedder", {}), ("generator", {"max_new_tokens": 6}))
+    }
+    yield models
+    for model in models.values():
+        asyncio.run(model.unload())
+
+
+def infer(model: Any, *requests: InferRequest) -> list[dict[str, np.ndarray]]:
+    for request in requests:
+        model.validate(request)
+    responses = asyncio.run(model.infer(list(requests)))
+    assert len(responses) == len(requests)
+    return [{o.name: o.data for o in r.outputs} for r in responses]
+
+
+@pytest.fixture(scope="session")
+def hf_server(hf_repo: HFRepo, tmp_path_factory: pytest.TempPathFactory, start_server):
+    log_path = tmp_path_factory.mktemp("hf-server-log") / "server.log"
+    with start_server(hf_repo.path, log_path) as server:
+        yield server
+
+
+def post(server: Any, model: str, inputs: list[dict[str, Any]], **extra: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", json={"inputs": inputs, **extra}, timeout=30)
+
+
+def text_input(*texts: str, name: str = "text") -> dict[str, Any]:
+    return {"name": name, "datatype": "BYTES", "shape": [len(texts)], "data": list(texts)}
+
+
+def outputs_of(response: httpx.Response) -> dict[str, dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return {o["name"]: o for o in response.json()["outputs"]}
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def test_matches_config_plus_weights(hf_repo: HFRepo, tmp_path: Path) -> None:
+    runtime = TransformersRuntime()
+    for name in ("classifier", "embedder", "generator"):
+        assert runtime.matches(hf_repo.folder(name))
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(hf_repo.folder("classifier") / "config.json", config_only)
+    assert not runtime.matches(config_only)
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    shutil.copy(hf_repo.folder("classifier") / "model.safetensors", weights_only)
+    assert not runtime.matches(weights_only)
+    torch_bin = tmp_path / "torch-bin"
+    torch_bin.mkdir()
+    shutil.copy(hf_repo.folder("classifier") / "config.json", torch_bin)
+    (torch_bin / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    assert runtime.matches(torch_bin)
+    assert not runtime.matches(hf_repo.folder("classifier") / "config.json")  # a file, not a folder
+
+
+def test_repository_detects_the_runtime(hf_repo: HFRepo) -> None:
+    from mmserver.repository import Repository
+
+    models = Repository(hf_repo.path, RuntimeRegistry.discover()).scan()
+    assert {name: next(iter(m.versions.values())).runtime for name, m in models.items()} == {
+        "classifier": "transformers", "classifier-trunc": "transformers",
+        "embedder": "transformers", "generator": "transformers",
+    }
+    assert next(iter(models["classifier"].versions.values())).source == "detected"
+
+
+def test_detection_and_estimate_import_neither_torch_nor_transformers(hf_repo: HFRepo) -> None:
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from mmserver.runtime import RuntimeRegistry\n"
+        "from mmserver.spec import ModelConfig, ModelSpec\n"
+        "registry = RuntimeRegistry.discover()\n"
+        f"folder = Path({str(hf_repo.folder('generator'))!r})\n"
+        "assert registry.detect(folder) == 'transformers'\n"
+        "spec = ModelSpec('g', '1', folder, 'transformers', ModelConfig(), 'detected')\n"
+        "print(registry.get('transformers').estimate(spec)['cpu'])\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > ALLOWANCE_FIXED
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("architectures, task", [
+    (["BertForSequenceClassification"], "classification"),
+    (["LlamaForSequenceClassification"], "classification"),
+    (["LlamaForCausalLM"], "generation"),
+    (["GPT2LMHeadModel"], "generation"),
+    (["BertModel"], "embedding"),
+    (["XLMRobertaModel"], "embedding"),
+])
+def test_task_from_architectures(architectures: list[str], task: str) -> None:
+    assert task_of({"architectures": architectures}, {}) == task
+
+
+def test_task_from_parameters_and_errors() -> None:
+    config = {"architectures": ["BertForMaskedLM"]}
+    assert task_of(config, {"task": "embedding"}) == "embedding"
+    assert task_of(config, {"task": "feature-extraction"}) == "embedding"
+    assert task_of(config, {"task": "text-generation"}) == "generation"
+    with pytest.raises(ModelLoadError, match="set parameters.task"):
+        task_of(config, {})
+    with pytest.raises(ModelLoadError, match="parameters.task is 'translation'"):
+        task_of(config, {"task": "translation"})
+
+
+def test_dtype_choice() -> None:
+    fp32, bf16 = {"dtype": "float32"}, {"torch_dtype": "bfloat16"}
+    assert dtype_for("cpu", {}, bf16) == "float32"
+    assert dtype_for("cuda:0", {}, fp32) == "float16"
+    assert dtype_for("cuda:1", {}, bf16) == "bfloat16"
+    assert dtype_for("cuda:0", {"dtype": "float32"}, bf16) == "float32"
+    assert dtype_for("cpu", {"dtype": "auto"}, bf16) == "bfloat16"
+    assert dtype_for("cpu", {"dtype": "auto"}, {}) == "float32"
+    with pytest.raises(ModelLoadError, match="parameters.dtype is 'int4'"):
+        dtype_for("cpu", {"dtype": "int4"}, fp32)
+
+
+def test_options_validation() -> None:
+    config = {"architectures": ["BertModel"]}
+    options = Options.parse({}, config)
+    assert (options.task, options.truncation, options.normalize, options.pooling) == ("embedding", False, False, "mean")
+    assert 1 <= options.threads <= 4
+    assert Options.parse({"threads": 3, "normalize": True}, config).threads == 3
+    for bad, where in (({"threads": 0}, "threads"), ({"threads": "2"}, "threads"),
+                       ({"truncation": "yes"}, "truncation"), ({"pooling": "max"}, "pooling"),
+                       ({"max_new_tokens": 0}, "max_new_tokens")):
+        with pytest.raises(ModelLoadError, match=f"parameters.{where}"):
+            Options.parse(bad, config)
+
+
+def test_generation_parameters() -> None:
+    parse = lambda **p: GenerationParams.parse(p, 16, False, 256)  # noqa: E731
+    assert parse() == GenerationParams(16, False)
+    # greedy ignores sampling settings, so they do not split batches
+    assert parse(temperature=0.5, top_p=0.9, seed=3) == GenerationParams(16, False)
+    assert parse(do_sample=True, temperature=0.5, top_p=0.9, seed=3, max_new_tokens=4) == \
+        GenerationParams(4, True, 0.5, 0.9, 3)
+    for params, name in (({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": "8"}, "max_new_tokens"),
+                         ({"max_new_tokens": True}, "max_new_tokens"), ({"max_new_tokens": 256}, "max_new_tokens"),
+                         ({"temperature": 0}, "temperature"), ({"temperature": "hot"}, "temperature"),
+                         ({"top_p": 1.5}, "top_p"), ({"top_p": 0}, "top_p"),
+                         ({"do_sample": "yes"}, "do_sample"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")):
+        with pytest.raises(InvalidInput, match=f"parameter '{name}'"):
+            parse(**params)
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1}
+    for name, (dtype, shape) in tensors.items():
+        size = int(np.prod(shape)) * sizes[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_weight_bytes_from_headers(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, {"w": ("F16", [10, 20]), "b": ("BF16", [20]), "ids": ("I64", [1, 7]),
+                              "flags": ("U8", [3])})
+    tensors = header_tensors(safetensors_header(path))
+    assert sorted(tensors) == [("BF16", (20,)), ("F16", (10, 20)), ("I64", (1, 7)), ("U8", (3,))]
+    # floating tensors take the run dtype, the others keep theirs
+    assert weight_bytes(tensors, "float32") == 220 * 4 + 7 * 8 + 3
+    assert weight_bytes(tensors, "float16") == 220 * 2 + 7 * 8 + 3
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(ModelLoadError, match="no valid safetensors header"):
+        safetensors_header(broken)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 2**40))
+    with pytest.raises(ModelLoadError, match="header claims"):
+        safetensors_header(huge)
+
+
+def test_estimate_is_weights_in_the_run_dtype_plus_allowance(hf_repo: HFRepo) -> None:
+    folder = hf_repo.folder("generator")
+    config = read_config(folder)
+    fp32 = checkpoint_bytes(folder, config, "float32")
+    header = safetensors_header(folder / "model.safetensors")
+    stored = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+    assert fp32 == stored  # a float32 checkpoint run in float32: exactly the stored bytes
+    assert checkpoint_bytes(folder, config, "float16") * 2 == fp32  # every tensor is floating
+    assert estimate_memory(folder, "cpu", {}) == {
+        "cpu": fp32 + activation_allowance(config, "generation", "float32")
+    }
+    assert estimate_memory(folder, "cuda:1", {}) == {
+        "cuda:1": fp32 // 2 + activation_allowance(config, "generation", "float16")
+    }
+    assert estimate_memory(folder, "cuda:0", {"dtype": "float32"})["cuda:0"] == estimate_memory(folder, "cpu", {})["cpu"]
+    # the generation allowance holds the key/value cache: 2 x layers x kv heads x head size per token
+    kv_per_token = 2 * 2 * 2 * 32 * 4
+    assert activation_allowance(config, "generation", "float32") - activation_allowance(
+        config, "embedding", "float32") == 8 * 256 * kv_per_token
+
+
+@pytest.mark.parametrize("name", ["classifier", "embedder", "generator"])
+def test_estimate_matches_the_loaded_bytes(name: str, hf_repo: HFRepo, loaded: dict[str, Any]) -> None:
+    folder = hf_repo.folder(name)
+    predicted = checkpoint_bytes(folder, read_config(folder), "float32")
+    measured = loaded[name].memory()
+    assert list(measured) == ["cpu"]
+    real = sum(p.numel() * p.element_size() for p in loaded[name].model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in loaded[name].model.buffers())
+    assert measured["cpu"] == real + buffers  # exact: parameters plus buffers, tied weights once
+    assert abs(predicted - measured["cpu"]) <= ESTIMATE_TOLERANCE * measured["cpu"]
+    assert predicted == real  # the checkpoint holds every parameter; buffers are the only gap
+    total = TransformersRuntime().estimate(spec_for(folder))
+    assert total["cpu"] > measured["cpu"]
+
+
+def test_estimate_converts_a_half_precision_checkpoint(hf_repo: HFRepo, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(hf_repo.folder("generator")).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(hf_repo.folder("generator")).save_pretrained(folder)
+    config = read_config(folder)
+    assert config["dtype"] == "bfloat16"
+    assert checkpoint_bytes(folder, config, "float32") == 2 * checkpoint_bytes(folder, config, "bfloat16")
+    on_cpu = asyncio.run(TransformersRuntime().load(spec_for(folder), Placement()))
+    try:
+        assert on_cpu.dtype == "float32"
+        real = sum(p.numel() * p.element_size() for p in on_cpu.model.parameters())
+        assert checkpoint_bytes(folder, config, "float32") == real
+    finally:
+        asyncio.run(on_cpu.unload())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+BAD_REQUESTS = [
+    (InferRequest([InferInput("text", "FP32", np.zeros(2, np.float32))]), "input 'text' is FP32"),
+    (InferRequest([InferInput("text", "BYTES", _texts("a", "b").reshape(1, 2))]), "input 'text' has shape [1, 2]"),
+    (InferRequest([InferInput("prompt", "BYTES", _texts("a"))]), "input 'prompt' is not an input"),
+    (InferRequest([InferInput("text", "BYTES", _texts("a")), InferInput("text_input", "BYTES", _texts("b"))]),
+     "inputs 'text' and 'text_input'"),
+    (InferRequest([InferInput("text", "BYTES", _texts("a")),
+                   InferInput("input_ids", "INT64", np.ones((1, 2), np.int64))]), "input 'input_ids' cannot be combined"),
+    (InferRequest([InferInput("attention_mask", "INT64", np.ones((1, 2), np.int64))]), "input 'attention_mask' needs"),
+    (InferRequest([InferInput("input_ids", "FP32", np.ones((1, 2), np.float32))]), "input 'input_ids' is FP32"),
+    (InferRequest([InferInput("input_ids", "INT64", np.ones(3, np.int64))]), "input 'input_ids' has shape [3]"),
+    (InferRequest([InferInput("input_ids", "INT64", np.ones((1, 3), np.int64)),
+                   InferInput("attention_mask", "INT64", np.ones((1, 2), np.int64))]), "input 'attention_mask' has shape"),
+    (InferRequest([InferInput("input_ids", "INT64", np.ones((1, 3), np.int64)),
+                   InferInput("attention_mask", "INT64", np.full((1, 3), 2, np.int64))]), "input 'attention_mask' must hold 0"),
+    (InferRequest([InferInput("input_ids", "INT64", np.full((1, 3), 10**6, np.int64))]), "input 'input_ids': token ids must be"),
+    (InferRequest([InferInput("input_ids", "INT64", np.ones((1, 3), np.int64)),
+                   InferInput("attention_mask", "INT64", np.array([[0, 0, 0]]))]), "input 'input_ids': row 0 has no tokens"),
+    (InferRequest([InferInput("input_ids", "INT64", np.ones((1, 65), np.int64))]), "input 'input_ids': row 0 is 65 tokens long"),
+    (InferRequest([InferInput("text", "BYTES", _texts(b"\xff\xfe"))]), "input 'text': text 0 is not valid UTF-8"),
+    (text_request("a", outputs=("logits",)), "unknown output 'logits'"),
+    (text_request(" ".join(["dog"] * 70)), "input 'text': text 0 is 72 tokens long and the model takes at most 64"),
+    (text_request("cat " * 3000), "input 'text': text 0 is 12000 bytes long"),
+    (text_request("a", truncation="yes"), "parameter 'truncation'"),
+]
+
+
+@pytest.mark.parametrize("request_, message", BAD_REQUESTS)
+def test_classifier_refuses(request_: InferRequest, message: str, loaded: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput) as info:
+        loaded["classifier"].validate(request_)
+    assert message in info.value.message
+
+
+def test_generator_and_embedder_refuse(loaded: dict[str, Any]) -> None:
+    generator, embedder = loaded["generator"], loaded["embedder"]
+    with pytest.raises(InvalidInput, match="parameter 'max_new_tokens' is -1"):
+        generator.validate(text_request("hi", max_new_tokens=-1))
+    with pytest.raises(InvalidInput, match="parameter 'top_p'"):
+        generator.validate(text_request("hi", do_sample=True, top_p=2))
+    # 256 positions: a prompt of 250 tokens leaves no room for 8 new ones
+    with pytest.raises(InvalidInput, match=r"text 0 is \d+ tokens long and the model takes at most 248 tokens "
+                                           r"\(256 positions minus max_new_tokens 8\)"):
+        generator.validate(text_request("seven " * 300, max_new_tokens=8))
+    with pytest.raises(InvalidInput, match="unknown output 'scores'"):
+        generator.validate(text_request("hi", outputs=("scores",)))
+    with pytest.raises(InvalidInput, match="parameter 'normalize'"):
+        embedder.validate(text_request("hi", normalize=1))
+    generator.validate(text_request("seven " * 300, max_new_tokens=8, truncation=True))
+
+
+# ----------------------------------------------------------------------------- batching in-process
+
+
+def test_batch_key_separates_outputs_parameters_and_lengths(loaded: dict[str, Any]) -> None:
+    classifier, generator = loaded["classifier"], loaded["generator"]
+    key = classifier.batch_key
+    assert key(text_request("short one")) == key(text_request("other one", "and two"))
+    assert key(text_request("short one")) != key(text_request("short one", outputs=("label",)))
+    assert key(text_request("short one")) != key(text_request("a much longer text of more than thirty-two bytes"))
+    assert key(text_request("x" * 40)) == key(text_request("y" * 60))  # the same power of two
+    ids = InferRequest([InferInput("input_ids", "INT64", np.ones((1, 5), np.int64))])
+    assert key(ids) != key(text_request("short"))
+    gkey = generator.batch_key
+    assert gkey(text_request("hi")) == gkey(text_request("yo"))
+    assert gkey(text_request("hi", max_new_tokens=4)) != gkey(text_request("hi", max_new_tokens=5))
+    assert gkey(text_request("hi", do_sample=True, temperature=0.7)) != gkey(text_request("hi", do_sample=True))
+    assert gkey(text_request("hi", do_sample=True)) == gkey(text_request("yo", do_sample=True))
+    # seeded sampling runs alone, so the seed alone decides its draws
+    assert gkey(text_request("hi", do_sample=True, seed=1)) != gkey(text_request("hi", do_sample=True, seed=1))
+    assert classifier.rows(text_request("a", "b", "c")) == 3
+    assert classifier.rows(InferRequest([InferInput("text", "BYTES", _texts("a", "b").reshape(2, 1))])) == 2
+
+
+def test_classifier_batch_equals_single_requests(loaded: dict[str, Any], reference: Reference) -> None:
+    model = loaded["classifier"]
+    requests = [text_request(TEXTS[0], TEXTS[1]), text_request(TEXTS[2]), text_request(TEXTS[3])]
+    batched = infer(model, *requests)
+    singles = [infer(model, text_request(t))[0] for t in TEXTS]
+    rows = [row for result in batched for row in result["scores"]]
+    assert [r["scores"].shape for r in batched] == [(2, 3), (1, 3), (1, 3)]
+    for row, single, text in zip(rows, singles, TEXTS):
+        np.testing.assert_allclose(row, single["scores"][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(row, reference.scores(text), rtol=1e-5, atol=1e-6)
+    labels = [label for result in batched for label in result["label"]]
+    expected = [tiny_hf.LABELS[int(np.argmax(reference.scores(t)))].encode() for t in TEXTS]
+    assert labels == expected
+    assert len(set(labels)) > 1  # the random classifier does tell these texts apart
+
+
+def test_generator_batch_equals_single_requests(loaded: dict[str, Any], reference: Reference) -> None:
+    model = loaded["generator"]
+    batched = infer(model, text_request(TEXTS[0], TEXTS[1]), text_request(TEXTS[2]))
+    rows = [list(r) for result in batched for r in result["output_ids"]]
+    for row, text in zip(rows, TEXTS[:3]):
+        assert [t for t in row if t >= 0] == reference.generate(text, 6)
+    texts = [t for result in batched for t in result["text_output"]]
+    tok = reference.generator_tok
+    assert texts == [tok.decode(reference.generate(t, 6), skip_special_tokens=True).encode() for t in TEXTS[:3]]
+
+
+def test_generation_stops_at_eos_and_pads_ids_per_request(hf_repo: HFRepo, reference: Reference,
+                                                          tmp_path: Path) -> None:
+    # make the third token greedy decoding picks for TEXTS[0] the end-of-sequence token
+    greedy = reference.generate(TEXTS[0], 6)
+    folder = tmp_path / "eos"
+    shutil.copytree(hf_repo.folder("generator"), folder)
+    gen_config = json.loads((folder / "generation_config.json").read_text())
+    gen_config["eos_token_id"] = greedy[2]
+    (folder / "generation_config.json").write_text(json.dumps(gen_config))
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder, max_new_tokens=6), Placement()))
+    try:
+        other = next(t for t in TEXTS[1:] if greedy[2] not in reference.generate(t, 6))
+        result = infer(model, text_request(TEXTS[0], other))[0]
+        assert result["output_ids"].tolist() == [greedy[:2] + [-1] * 4, reference.generate(other, 6)]
+        tok = reference.generator_tok
+        assert result["text_output"][0] == tok.decode(greedy[:2], skip_special_tokens=True).encode()
+        alone = infer(model, text_request(TEXTS[0]))[0]
+        assert alone["output_ids"].tolist() == [greedy[:2]]  # padded to the request's own longest row
+    finally:
+        asyncio.run(model.unload())
+
+
+def test_compute_uses_the_models_thread_count(loaded: dict[str, Any]) -> None:
+    import torch
+
+    model = loaded["classifier"]
+    seen: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = model.threads
+    try:
+        for count in (1, 2, 1):
+            model.threads = count
+            infer(model, text_request("hi"))
+    finally:
+        hook.remove()
+        model.threads = threads
+    assert seen == [1, 2, 1]
+
+
+def test_token_ids_input_equals_text_input(loaded: dict[str, Any], reference: Reference) -> None:
+    model = loaded["embedder"]
+    enc = reference.embedder_tok(TEXTS[:3], padding=True, return_tensors="np")
+    ids = InferRequest([InferInput("input_ids", "INT64", enc["input_ids"].astype(np.int64)),
+                        InferInput("attention_mask", "INT64", enc["attention_mask"].astype(np.int64))])
+    from_ids = infer(model, ids)[0]["embedding"]
+    from_text = infer(model, text_request(*TEXTS[:3]))[0]["embedding"]
+    np.testing.assert_allclose(from_ids, from_text, rtol=1e-5, atol=1e-6)
+    for row, text in zip(from_ids, TEXTS):
+        np.testing.assert_allclose(row, reference.embedding(text), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_rows_and_normalize(loaded: dict[str, Any]) -> None:
+    model = loaded["embedder"]
+    empty = infer(model, InferRequest([InferInput("text", "BYTES", np.empty(0, dtype=object))]))[0]
+    assert empty["embedding"].shape == (0, 32)
+    plain, unit = infer(model, text_request(TEXTS[0]), text_request(TEXTS[0], normalize=True))
+    np.testing.assert_allclose(unit["embedding"], plain["embedding"] / np.linalg.norm(plain["embedding"]), rtol=1e-6)
+    assert abs(float(np.linalg.norm(unit["embedding"])) - 1.0) < 1e-6
+
+
+def test_truncation_keeps_the_first_tokens(hf_repo: HFRepo, reference: Reference) -> None:
+    model = asyncio.run(TransformersRuntime().load(spec_for(hf_repo.folder("classifier"), truncation=True), Placement()))
+    try:
+        long_text = " ".join(["cat", "dog"] * 50)
+        scores = infer(model, text_request(long_text))[0]["scores"][0]
+        import torch
+
+        enc = reference.classifier_tok([long_text], truncation=True, max_length=64, return_tensors="pt")
+        assert enc["input_ids"].shape[1] == 64
+        with torch.inference_mode():
+            expected = torch.softmax(reference.classifier(**enc).logits, -1)[0].numpy()
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        asyncio.run(model.unload())
+
+
+def test_unload_frees_and_is_idempotent(hf_repo: HFRepo) -> None:
+    model = asyncio.run(TransformersRuntime().load(spec_for(hf_repo.folder("embedder")), Placement()))
+    params = list(model.model.parameters())
+    assert model.memory()["cpu"] > 100_000
+    assert not model.can_offload  # CPU placement: no host tier
+    asyncio.run(model.unload())
+    asyncio.run(model.unload())
+    assert model.memory() == {}
+    assert model.model is None
+    assert all(p.numel() == 0 for p in params)  # the storage is gone even if the modules live on
+
+
+# ----------------------------------------------------------------------------- through the server
+
+
+def test_server_serves_the_three_tasks(hf_server: Any) -> None:
+    index = httpx.post(f"{hf_server.url}/v2/repository/index", json={}).json()
+    assert {row["name"]: row["state"] for row in index} == {
+        "classifier": "READY", "classifier-trunc": "READY", "embedder": "READY", "generator": "READY",
+    }
+    meta = httpx.get(f"{hf_server.url}/v2/models/classifier").json()
+    assert meta["platform"] == "transformers"
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["parameters"]["task"] == "classification"
+    assert httpx.get(f"{hf_server.url}/v2/models/generator").json()["parameters"]["max_tokens"] == 256
+
+
+def test_http_classification_equals_in_process(hf_server: Any, reference: Reference) -> None:
+    out = outputs_of(post(hf_server, "classifier", [text_input(*TEXTS)]))
+    assert out["scores"]["shape"] == [4, 3]
+    scores = np.array(out["scores"]["data"], dtype=np.float32).reshape(4, 3)
+    for row, text in zip(scores, TEXTS):
+        np.testing.assert_allclose(row, reference.scores(text), rtol=1e-5, atol=1e-6)
+    assert out["label"]["data"] == [tiny_hf.LABELS[int(np.argmax(reference.scores(t)))] for t in TEXTS]
+    # [N, 1] texts under the other accepted name, asking for one output
+    only = outputs_of(post(hf_server, "classifier", [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1],
+                                                      "data": [TEXTS[2]]}], outputs=[{"name": "label"}]))
+    assert list(only) == ["label"]
+    assert only["label"]["data"] == out["label"]["data"][2:3]
+
+
+def test_http_embedding_equals_in_process_mean_pooling(hf_server: Any, reference: Reference) -> None:
+    out = outputs_of(post(hf_server, "embedder", [text_input(*TEXTS)]))
+    assert out["embedding"]["shape"] == [4, 32] and out["embedding"]["datatype"] == "FP32"
+    rows = np.array(out["embedding"]["data"], dtype=np.float32).reshape(4, 32)
+    for row, text in zip(rows, TEXTS):
+        np.testing.assert_allclose(row, reference.embedding(text), rtol=1e-5, atol=1e-5)
+
+
+def test_http_greedy_generation_equals_in_process_generate(hf_server: Any, reference: Reference) -> None:
+    first = outputs_of(post(hf_server, "generator", [text_input(TEXTS[0], TEXTS[2])],
+                            parameters={"max_new_tokens": 5, "do_sample": False}))
+    again = outputs_of(post(hf_server, "generator", [text_input(TEXTS[0], TEXTS[2])],
+                            parameters={"max_new_tokens": 5, "do_sample": False}))
+    assert first == again
+    tok = reference.generator_tok
+    for i, text in enumerate((TEXTS[0], TEXTS[2])):
+        expected = reference.generate(text, 5)
+        assert len(expected) == 5
+        assert first["output_ids"]["data"][i * 5:(i + 1) * 5] == expected
+        assert first["text_output"]["data"][i] == tok.decode(expected, skip_special_tokens=True)
+    # the model's default max_new_tokens (6, from model.yaml)
+    default = outputs_of(post(hf_server, "generator", [text_input(TEXTS[1])]))
+    assert default["output_ids"]["data"] == reference.generate(TEXTS[1], 6)
+
+
+def test_http_seeded_sampling_is_reproducible(hf_server: Any) -> None:
+    def sample(seed: int) -> list[int]:
+        return outputs_of(post(hf_server, "generator", [text_input(TEXTS[0])], parameters={
+            "do_sample": True, "temperature": 1.5, "top_p": 0.95, "seed": seed, "max_new_tokens": 12,
+        }))["output_ids"]["data"]
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(seed)) for seed in (1, 2, 3)}) > 1
+
+
+def _batches(server: Any, model: str) -> int:
+    text = httpx.get(f"{server.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith("mmserver_inference_batches_total{") and f'model_name="{model}"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+@pytest.mark.parametrize("model", ["embedder", "generator"])
+def test_http_concurrent_requests_of_different_lengths_equal_single_requests(
+    hf_server: Any, model: str
+) -> None:
+    texts = TEXTS + ["cat", "the quick dog and the slow cat", "one two three four five six seven eight",
+                     "river"]
+    output = "embedding" if model == "embedder" else "output_ids"
+    singles = [outputs_of(post(hf_server, model, [text_input(t)]))[output]["data"] for t in texts]
+    before = _batches(hf_server, model)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        concurrent = list(pool.map(lambda t: outputs_of(post(hf_server, model, [text_input(t)]))[output]["data"],
+                                   texts))
+    batches = _batches(hf_server, model) - before
+    assert 1 <= batches < len(texts), f"{len(texts)} concurrent requests ran in {batches} batches"
+    for got, single in zip(concurrent, singles):
+        if model == "embedder":
+            np.testing.assert_allclose(got, single, rtol=1e-5, atol=1e-5)
+        else:
+            assert got == single
+
+
+def test_http_truncation_setting(hf_server: Any) -> None:
+    long_text = " ".join(["dog"] * 100)
+    refused = post(hf_server, "classifier", [text_input(long_text)])
+    assert refused.status_code == 400
+    assert "input 'text': text 0 is 102 tokens long and the model takes at most 64 tokens" in refused.json()["error"]
+    assert outputs_of(post(hf_server, "classifier-trunc", [text_input(long_text)]))["scores"]["shape"] == [1, 3]
+    assert outputs_of(post(hf_server, "classifier", [text_input(long_text)],
+                           parameters={"truncation": True}))["scores"]["shape"] == [1, 3]
+
+
+@pytest.mark.parametrize("model, body, message", [
+    ("classifier", {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+     "input 'text' is FP32; texts must be BYTES"),
+    ("classifier", {"inputs": [{"name": "sentence", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+     "input 'sentence' is not an input of this model"),
+    ("embedder", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}]},
+     "input 'text' has shape [1, 2]; expected [N] or [N, 1]"),
+    ("embedder", {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 99999]}]},
+     "input 'input_ids': token ids must be in [0, 300)"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"max_new_tokens": 0}},
+     "parameter 'max_new_tokens' is 0; expected a positive integer"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"temperature": -1, "do_sample": True}},
+     "parameter 'temperature' is -1"),
+    ("generator", {"inputs": [text_input("hi")], "outputs": [{"name": "embedding"}]},
+     "unknown output 'embedding'; this generation model offers text_output, output_ids"),
+])
+def test_http_bad_inputs_get_400_naming_the_input(hf_server: Any, model: str, body: dict[str, Any],
+                                                   message: str) -> None:
+    response = httpx.post(f"{hf_server.url}/v2/models/{model}/infer", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def cuda() -> str:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return "cuda:0"
+
+
+@pytest.mark.gpu
+def test_gpu_half_precision_placement(cuda: str, hf_repo: HFRepo, reference: Reference) -> None:
+    folder = hf_repo.folder("classifier")
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder), Placement(cuda)))
+    try:
+        assert model.dtype == "float16"
+        assert next(model.model.parameters()).dtype.itemsize == 2
+        memory = model.memory()
+        assert list(memory) == [cuda]
+        predicted = checkpoint_bytes(folder, read_config(folder), "float16")
+        assert abs(predicted - memory[cuda]) <= ESTIMATE_TOLERANCE * memory[cuda]
+        scores = infer(model, text_request(*TEXTS))[0]["scores"]
+        for row, text in zip(scores, TEXTS):
+            np.testing.assert_allclose(row, reference.scores(text), atol=5e-3)
+    finally:
+        asyncio.run(model.unload())
+    assert model.memory() == {}
+
+
+@pytest.mark.gpu
+def test_gpu_offload_restore_round_trip(cuda: str, hf_repo: HFRepo) -> None:
+    import torch
+
+    model = asyncio.run(TransformersRuntime().load(spec_for(hf_repo.folder("generator")), Placement(cuda)))
+    try:
+        assert model.can_offload
+        before = infer(model, text_request(*TEXTS))[0]
+        on_gpu = model.memory()
+        allocated = torch.cuda.memory_allocated(cuda)
+        asyncio.run(model.offload())
+        assert model.memory() == {"cpu": on_gpu[cuda]}
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in model.model.parameters())
+        assert torch.cuda.memory_allocated(cuda) <= allocated - on_gpu[cuda]
+        with pytest.raises(Exception, match="offloaded"):
+            infer(model, text_request("hi"))
+        asyncio.run(model.restore(Placement(cuda)))
+        assert model.memory() == on_gpu
+        after = infer(model, text_request(*TEXTS))[0]
+        assert after["output_ids"].tolist() == before["output_ids"].tolist()
+        assert after["text_output"].tolist() == before["text_output"].tolist()
+    finally:
+        asyncio.run(model.unload())
