@@ -31,6 +31,7 @@ class ModelEntry:
     parked: dict[str, int] | None = None  # device bytes the model held before it moved to host RAM
     last_used: float = field(default_factory=time.monotonic)
     waiting: int = 0  # requests waiting for the model to finish loading
+    load_error: Exception | None = None  # why the last load failed
     metrics: ModelMetrics = field(default_factory=NoMetrics)
 
     @property

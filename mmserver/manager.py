@@ -21,7 +21,7 @@ from typing import Any
 from .batching import Batcher, BatchPolicy
 from .devices import Device, discover_devices
 from .entry import ModelEntry
-from .errors import MMServerError, ModelLoadError, ModelNotFound, ModelNotReady
+from .errors import InsufficientMemory, MMServerError, ModelLoadError, ModelNotFound, ModelNotReady
 from .memory import MemoryLedger, format_bytes
 from .metrics import Metrics, ModelSnapshot, ServerSnapshot
 from .repository import Repository, RepositoryModel
@@ -202,7 +202,10 @@ class ModelManager:
         await asyncio.gather(*(self._ensure_loading(e) for e in entries), return_exceptions=True)
         failed = [e for e in entries if e.state is not ModelState.READY]
         if failed:
-            raise ModelLoadError("; ".join(f"{e.key}: {e.reason}" for e in failed))
+            error = ModelLoadError("; ".join(f"{e.key}: {e.reason}" for e in failed))
+            if all(isinstance(e.load_error, InsufficientMemory) for e in failed):
+                error = InsufficientMemory(error.message)
+            raise error
 
     async def unload(self, name: str) -> None:
         """Drain and unload every version of a model; it stays unloaded until loaded again."""
@@ -265,7 +268,7 @@ class ModelManager:
         finally:
             entry.waiting -= 1
         if entry.state is not ModelState.READY or entry.batcher is None:
-            raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
+            raise _not_ready(entry)
         return entry.batcher
 
     async def _ensure_loading(self, entry: ModelEntry) -> None:
@@ -292,6 +295,7 @@ class ModelManager:
                 else:
                     await self._load_onto(entry, spec, runtime, placement)
                 entry.evicted = False
+                entry.load_error = None
                 entry.batcher = Batcher(entry.model, self._batch_policy(spec), entry.key, entry.metrics)
                 took = time.monotonic() - started
                 entry.metrics.loaded(took)
@@ -302,6 +306,7 @@ class ModelManager:
         except Exception as exc:  # a broken model is reported, never fatal
             if entry.model is None:
                 self.ledger.release(entry.key)
+            entry.load_error = exc
             message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             self._set_state(entry, ModelState.UNAVAILABLE, f"load failed: {message}")
         finally:
@@ -317,10 +322,10 @@ class ModelManager:
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
                 before = self.residency.used(placement.device)
                 entry.model = await runtime.load(spec, placement)
-                self.ledger.commit(entry.key, self.residency.measured(entry.model, placement, before))
+                self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, before))
                 return
         entry.model = await runtime.load(spec, placement)
-        self.ledger.commit(entry.key, self.residency.measured(entry.model, placement, None))
+        self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, None))
 
     async def _restore(self, entry: ModelEntry, placement: Placement) -> None:
         """Bring a model parked in host RAM back onto a GPU."""
@@ -334,7 +339,7 @@ class ModelManager:
             await model.restore(placement)
             entry.parked = None
             self.ledger.reserve(entry.key, {**sizes, HOST: 0})
-            self.ledger.commit(entry.key, self.residency.measured(model, placement, before))
+            self.ledger.commit(entry.key, self.residency.measured(entry.spec, model, placement, before))
 
     async def _make_room(self, entry: ModelEntry, sizes: dict[str, int]) -> None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
@@ -439,6 +444,14 @@ class ModelManager:
             timeout_s=spec.config.timeout_s,
             adaptive_fill=s.adaptive_fill if batching.adaptive_fill is None else batching.adaptive_fill,
         )
+
+
+def _not_ready(entry: ModelEntry) -> MMServerError:
+    """The error for a request to a model that is not ready: 507 when it could not get memory."""
+    message = f"model '{entry.key}' is not ready: {entry.reason}"
+    if isinstance(entry.load_error, InsufficientMemory):
+        return InsufficientMemory(message)
+    return ModelNotReady(message)
 
 
 def _version_order(version: str) -> tuple[int, int | str]:

@@ -143,12 +143,17 @@ class Residency:
         """Device memory in use now, as the device measures it (None for the host's shared RAM)."""
         return self.devices[device].read().used if device != HOST and device in self.devices else None
 
-    def measured(self, model: LoadedModel, placement: Placement, used_before: int | None) -> dict[str, int]:
-        """A loaded model's size: what it reports, and on a GPU at least the growth NVML saw."""
+    def measured(
+        self, spec: ModelSpec, model: LoadedModel, placement: Placement, used_before: int | None
+    ) -> dict[str, int]:
+        """A loaded model's size: what it reports, at least the growth a GPU measured, and at
+        least the ``memory`` its model.yaml declares (the operator knows best)."""
         sizes = dict(model.memory())
+        floor = int(spec.config.memory or 0)
         if used_before is not None:
-            grown = (self.used(placement.device) or 0) - used_before
-            sizes[placement.device] = max(sizes.get(placement.device, 0), grown)
+            floor = max(floor, (self.used(placement.device) or 0) - used_before)
+        if floor:
+            sizes[placement.device] = max(sizes.get(placement.device, 0), floor)
         return sizes
 
     async def wait_released(self, device: str, used_before: int, size: int) -> None:

@@ -9,7 +9,6 @@ its first request; ``counted`` is a LogisticRegression used only for exact metri
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import httpx
 import joblib
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
+from v2_helpers import binary_request, body, scrape, value
 
 FEATURES = 8
 
@@ -54,28 +53,6 @@ def queue_server(queue_repo, start_server, tmp_path_factory):
     root, _ = queue_repo
     with start_server(root, tmp_path_factory.mktemp("queue-log") / "server.log", "--triton-metrics") as s:
         yield s
-
-
-def body(rows: np.ndarray, **parameters) -> dict:
-    doc = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape),
-                       "data": rows.ravel().tolist()}]}
-    if parameters:
-        doc["parameters"] = parameters
-    return doc
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics as {(name, sorted labels): value}."""
-    text = httpx.get(f"{url}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def model_labels(model: str) -> dict[str, str]:
@@ -157,12 +134,9 @@ def test_requests_whose_client_left_are_dropped_before_they_run(queue_server):
         async with httpx.AsyncClient(timeout=60.0) as client:
             # a long first request (many rows, binary so it decodes at once) keeps the model busy
             # while the others queue behind it
-            rows = np.ones((200_000, FEATURES), dtype="<f8")
-            header = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape),
-                                             "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
-            occupying = asyncio.create_task(client.post(
-                f"{queue_server.url}/v2/models/slow/infer", content=header + rows.tobytes(),
-                headers={"Inference-Header-Content-Length": str(len(header))}))
+            content, headers = binary_request(np.ones((200_000, FEATURES)))
+            occupying = asyncio.create_task(
+                client.post(f"{queue_server.url}/v2/models/slow/infer", content=content, headers=headers))
             await asyncio.sleep(0.3)
             sockets = []
             for _ in range(3):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mmserver.devices import Device, MemoryReading
-from mmserver.errors import InsufficientMemory, ModelNotReady
+from mmserver.errors import InsufficientMemory
 from mmserver.manager import ModelManager
 from mmserver.memory import Candidate, choose_victims, resolve_budget
 from mmserver.runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
@@ -200,7 +200,7 @@ async def test_pinned_models_stay_and_a_model_that_cannot_fit_gets_a_clear_error
     manager, gpu, _ = make_manager(tmp_path)
     await manager.start()
     try:
-        with pytest.raises(ModelNotReady) as info:
+        with pytest.raises(InsufficientMemory) as info:
             await manager.infer(manager.entry("big"), request())
         message = info.value.message
         assert "needs 200.0 MiB on cuda:0" in message
@@ -269,7 +269,7 @@ async def test_memory_that_does_not_come_back_is_reported(tmp_path, caplog):
     await manager.start()
     try:
         with caplog.at_level(logging.WARNING, logger="mmserver.residency"):
-            with pytest.raises(ModelNotReady) as info:  # the 150 MiB a leaked leave no room for b
+            with pytest.raises(InsufficientMemory) as info:  # the 150 MiB a leaked leave no room for b
                 await manager.infer(manager.entry("b"), request())
         assert "possible leak" in caplog.text
         assert "model b:1 needs 200.0 MiB on cuda:0; 150.0 MiB is free" in info.value.message

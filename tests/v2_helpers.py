@@ -1,0 +1,39 @@
+"""Small helpers shared by the end-to-end tests: V2 request bodies and /metrics scraping."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def body(rows: np.ndarray, **parameters) -> dict:
+    """A JSON V2 request with one FP64 ``input-0`` tensor."""
+    doc = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(rows.shape),
+                       "data": rows.ravel().tolist()}]}
+    if parameters:
+        doc["parameters"] = parameters
+    return doc
+
+
+def binary_request(rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A V2 request with ``rows`` as binary FP64 data (decodes at once, however large)."""
+    data = np.ascontiguousarray(rows, dtype="<f8")
+    header = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": list(data.shape),
+                                     "parameters": {"binary_data_size": data.nbytes}}]}).encode()
+    return header + data.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
