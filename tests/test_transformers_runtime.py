@@ -388,7 +388,7 @@ def test_estimate_matches_the_loaded_bytes(name: str, hf_repo: HFRepo, loaded: d
     assert measured["cpu"] == real + buffers  # exact: parameters plus buffers, tied weights once
     assert abs(predicted - measured["cpu"]) <= ESTIMATE_TOLERANCE * measured["cpu"]
     assert predicted == real  # the checkpoint holds every parameter; buffers are the only gap
-    total = TransformersRuntime().estimate(spec_for(folder))
+    total = TransformersRuntime().estimate(spec_for(folder), Placement())
     assert total["cpu"] > measured["cpu"]
 
 
@@ -753,7 +753,11 @@ def test_gpu_half_precision_placement(cuda: str, hf_repo: HFRepo, reference: Ref
         memory = model.memory()
         assert list(memory) == [cuda]
         predicted = checkpoint_bytes(folder, read_config(folder), "float16")
+        params = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in model.model.buffers())
+        assert predicted == params and memory[cuda] == params + buffers
         assert abs(predicted - memory[cuda]) <= ESTIMATE_TOLERANCE * memory[cuda]
+        assert TransformersRuntime().estimate(spec_for(folder), Placement(cuda)) == estimate_memory(folder, cuda, {})
         scores = infer(model, text_request(*TEXTS))[0]["scores"]
         for row, text in zip(scores, TEXTS):
             np.testing.assert_allclose(row, reference.scores(text), atol=5e-3)
