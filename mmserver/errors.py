@@ -60,6 +60,10 @@ class Unauthorized(MMServerError):
     """Missing or wrong credentials."""
 
 
+class Forbidden(MMServerError):
+    """The server's settings do not allow this operation."""
+
+
 class RouteNotFound(MMServerError):
     """No route matches the URL."""
 
@@ -71,6 +75,7 @@ class MethodNotAllowed(MMServerError):
 HTTP_STATUS: dict[type[MMServerError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     ModelNotFound: 404,
     RouteNotFound: 404,
     MethodNotAllowed: 405,

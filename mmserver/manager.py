@@ -21,10 +21,17 @@ from typing import Any
 from .batching import Batcher, BatchPolicy
 from .devices import Device, discover_devices
 from .entry import ModelEntry
-from .errors import InsufficientMemory, MMServerError, ModelLoadError, ModelNotFound, ModelNotReady
+from .errors import (
+    Forbidden,
+    InsufficientMemory,
+    MMServerError,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+)
 from .memory import MemoryLedger, format_bytes
 from .metrics import Metrics, ModelSnapshot, ServerSnapshot
-from .repository import Repository, RepositoryModel
+from .repository import Repository, RepositoryModel, select_versions
 from .residency import Residency
 from .runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
 from .settings import Settings
@@ -47,7 +54,7 @@ class ModelManager:
         devices: dict[str, Device] | None = None,
     ) -> None:
         self.settings = settings
-        self.repository = Repository(settings.model_repository, registry)
+        self.repository = Repository(settings.model_repository, registry, settings.model_name)
         self.registry = registry
         self.metrics = metrics or Metrics(enabled=False)
         self.metrics.set_snapshot(self.snapshot)
@@ -58,21 +65,15 @@ class ModelManager:
         self._default_version: dict[str, str] = {}
         self._load_slots = asyncio.Semaphore(settings.load_concurrency)
         self._idle_sweeper: asyncio.Task[None] | None = None
+        self._sync_locks: dict[str, asyncio.Lock] = {}
+        self._folder_errors: dict[str, str] = {}  # folders that changed into something unreadable
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Set the memory budgets, read the repository and load every ``startup`` model."""
         self.residency.set_budgets()
-        for model in self.repository.scan().values():
-            self._register(model)
-        startup = [
-            entry
-            for versions in self._models.values()
-            for entry in versions.values()
-            if entry.served and entry.spec and entry.spec.config.load == "startup"
-        ]
-        await asyncio.gather(*(self._ensure_loading(entry) for entry in startup), return_exceptions=True)
+        await self.rescan()
         gc.collect()
         gc.freeze()
         self.started.set()
@@ -137,6 +138,9 @@ class ModelManager:
                 if held:
                     row["memory_bytes"] = held
                 rows.append(row)
+            if name in self._folder_errors:
+                rows.append({"name": name, "version": "", "state": ModelState.UNAVAILABLE.value,
+                             "reason": f"folder cannot be read, loaded versions keep serving: {self._folder_errors[name]}"})
         return rows
 
     def snapshot(self) -> ServerSnapshot:
@@ -183,32 +187,24 @@ class ModelManager:
         response.id = request.id
         return response
 
-    # ------------------------------------------------------------------ repository API
+    # ------------------------------------------------------------------ repository changes
+
+    async def rescan(self) -> None:
+        """Bring every model in line with the repository folder: new folders are registered (and
+        loaded per their load mode), changed ones roll over, removed ones drain and unload."""
+        found = self.repository.scan()
+        names = set(found) | set(self._models)
+        await asyncio.gather(*(self.sync_model(name, found.get(name)) for name in sorted(names)))
 
     async def load(self, name: str) -> None:
-        """(Re)read a model's folder and load the versions its policy serves."""
-        model = self.repository.read(name)
-        current = self._models.get(name, {})
-        for version, entry in current.items():
-            fresh = model.versions.get(version)
-            if fresh is None or version not in model.served or fresh != entry.spec:
-                await self._unload(entry, "replaced by a new load")
-        self._register(model)
-        if model.error:
-            raise ModelLoadError(f"model '{name}' cannot be loaded: {model.error}")
-        entries = [self._models[name][v] for v in model.served]
-        for entry in entries:
-            entry.unloaded_by_operator = False
-        await asyncio.gather(*(self._ensure_loading(e) for e in entries), return_exceptions=True)
-        failed = [e for e in entries if e.state is not ModelState.READY]
-        if failed:
-            error = ModelLoadError("; ".join(f"{e.key}: {e.reason}" for e in failed))
-            if all(isinstance(e.load_error, InsufficientMemory) for e in failed):
-                error = InsufficientMemory(error.message)
-            raise error
+        """The repository API's load: re-read the model's folder and load what its policy serves,
+        also when an operator unloaded it before."""
+        self._check_api_allowed("load")
+        await self.sync_model(name, self.repository.read(name), explicit=True)
 
     async def unload(self, name: str) -> None:
         """Drain and unload every version of a model; it stays unloaded until loaded again."""
+        self._check_api_allowed("unload")
         versions = self._models.get(name)
         if versions is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -216,32 +212,109 @@ class ModelManager:
             entry.unloaded_by_operator = True
         await asyncio.gather(*(self._unload(e, "unloaded by request") for e in versions.values()))
 
-    # ------------------------------------------------------------------ internals
+    def _check_api_allowed(self, action: str) -> None:
+        if self.settings.model_control_mode == "none":
+            raise Forbidden(f"cannot {action} models: the server runs with --model-control-mode none")
 
-    def _register(self, model: RepositoryModel) -> None:
-        """Create or refresh the entries of one model folder (keeps loaded entries as they are)."""
-        old = self._models.get(model.name, {})
-        if model.error:
-            entry = ModelEntry(model.name, "", None, reason=model.error)  # no metrics: it never serves
-            self._models[model.name] = {"": entry}
-            self._default_version.pop(model.name, None)
-            return
-        entries: dict[str, ModelEntry] = {}
-        for version, spec in model.versions.items():
-            previous = old.get(version)
+    async def sync_model(self, name: str, found: RepositoryModel | None, explicit: bool = False) -> None:
+        """Make one model match its folder (``found``; None when the folder is gone).
+
+        New or changed versions load while the current ones keep serving; only then do requests
+        switch over, and the versions no longer served drain and unload. A version that fails to
+        load is reported and skipped: the previous one goes on serving. ``explicit`` (the
+        repository API) loads even a model an operator unloaded, and raises on failure.
+        """
+        async with self._sync_locks.setdefault(name, asyncio.Lock()):
+            current = self._models.get(name, {})
+            if found is None:
+                await self._remove(name, current)
+                return
+            if found.error:
+                self._report_broken(name, found, current)
+                if explicit:
+                    raise ModelLoadError(f"model '{name}' cannot be loaded: {found.error}")
+                return
+            self._folder_errors.pop(name, None)
+            operator_unloaded = not explicit and any(e.unloaded_by_operator for e in current.values())
+            wanted = self._desired_entries(found, current, operator_unloaded)
+            fresh = [e for e in wanted.values() if e not in current.values()]
+            to_load = [e for v, e in wanted.items() if v in found.served and self._should_load(e, current.get(v), explicit)]
+            await asyncio.gather(*(self._ensure_loading(e) for e in to_load), return_exceptions=True)
+            failed = [e for e in to_load if e.state is not ModelState.READY]
+            for version, entry in list(wanted.items()):
+                previous = current.get(version)
+                if entry in failed and previous is not None and previous.state is ModelState.READY:
+                    previous.reason = f"still serving: its new files failed to load ({entry.reason})"
+                    wanted[version] = previous  # the old files keep serving this version
+            serving = [v for v in found.versions if wanted[v].load_error is None]
+            served = set(select_versions(serving, found.served_policy))
+            for version, entry in wanted.items():
+                entry.served = version in served
+                if not entry.served and entry.load_error is None:
+                    entry.reason = f"not served: the version policy is '{found.served_policy}'"
+            self._models[name] = wanted
+            # the newest version that serves; with none, the one the policy names (its requests
+            # then get the reason it does not serve)
+            newest = select_versions(serving, "latest") or found.served
+            self._default_version[name] = newest[0] if newest else ""
+            retired = [e for e in current.values() if e not in wanted.values() or not e.served]
+            await asyncio.gather(*(self._unload(e, "replaced by a newer version or files")
+                                   for e in retired if e.model is not None))
+            if fresh or retired:
+                log.info("model %s: versions %s, serving %s (default %s)", name, ", ".join(wanted),
+                         ", ".join(sorted(served, key=_version_order)) or "none", self._default_version[name])
+            if explicit and failed:
+                error = ModelLoadError("; ".join(f"{e.key}: {e.reason}" for e in failed))
+                if all(isinstance(e.load_error, InsufficientMemory) for e in failed):
+                    error = InsufficientMemory(error.message)
+                raise error
+
+    def _desired_entries(
+        self, found: RepositoryModel, current: dict[str, ModelEntry], operator_unloaded: bool
+    ) -> dict[str, ModelEntry]:
+        """One entry per version found: the current one when its files are unchanged, else new."""
+        wanted: dict[str, ModelEntry] = {}
+        for version, spec in found.versions.items():
+            previous = current.get(version)
             if previous is not None and previous.spec == spec:
-                entry = previous
-            else:
-                entry = ModelEntry(model.name, version, spec, metrics=self.metrics.for_model(model.name, version))
-                entry.unloaded_by_operator = previous is not None and previous.unloaded_by_operator
-            entry.served = version in model.served
-            if not entry.served:
-                entry.reason = f"not served: the version policy is '{spec.config.versions}'"
-            elif entry.state is ModelState.UNAVAILABLE and not entry.reason:
-                entry.reason = "loads on first request" if spec.config.load == "lazy" else "not loaded"
-            entries[version] = entry
-        self._models[model.name] = entries
-        self._default_version[model.name] = model.served[0] if model.served else ""
+                wanted[version] = previous
+                continue
+            entry = ModelEntry(found.name, version, spec, metrics=self.metrics.for_model(found.name, version))
+            entry.unloaded_by_operator = operator_unloaded
+            entry.reason = "not loaded" if spec.config.load == "startup" else "loads on first request"
+            wanted[version] = entry
+        return wanted
+
+    def _should_load(self, entry: ModelEntry, previous: ModelEntry | None, explicit: bool) -> bool:
+        """Load now: explicitly asked, a startup model, or replacing files of a loaded version."""
+        if entry.state is ModelState.READY or entry.spec is None:
+            return False
+        if explicit:
+            entry.unloaded_by_operator = False
+            return True
+        if entry.unloaded_by_operator:
+            return False
+        was_loaded = previous is not None and previous.state is ModelState.READY
+        return entry.spec.config.load == "startup" or was_loaded
+
+    def _report_broken(self, name: str, found: RepositoryModel, current: dict[str, ModelEntry]) -> None:
+        """A folder that cannot be read: keep serving what was loaded, and say why."""
+        assert found.error is not None
+        if any(e.state is ModelState.READY for e in current.values()):
+            self._folder_errors[name] = found.error
+            log.error("model %s: its folder changed and cannot be read (%s); the loaded versions keep serving",
+                      name, found.error)
+            return
+        self._models[name] = {"": ModelEntry(name, "", None, reason=found.error)}
+        self._default_version.pop(name, None)
+
+    async def _remove(self, name: str, entries: dict[str, ModelEntry]) -> None:
+        """The folder is gone: drain and unload every version, then forget the model."""
+        await asyncio.gather(*(self._unload(e, "its folder was removed") for e in entries.values()))
+        self._models.pop(name, None)
+        self._default_version.pop(name, None)
+        self._folder_errors.pop(name, None)
+        log.info("model %s removed: its folder is gone", name)
 
     def _served_versions(self, name: str) -> list[str]:
         return [v for v, e in self._models.get(name, {}).items() if e.served]

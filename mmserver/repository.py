@@ -45,6 +45,7 @@ class RepositoryModel:
     versions: dict[str, ModelSpec] = field(default_factory=dict)
     served: list[str] = field(default_factory=list)
     error: str | None = None
+    served_policy: str | int | list[str] = "latest"
 
 
 def check_name(name: str) -> str:
@@ -59,14 +60,19 @@ def check_name(name: str) -> str:
 class Repository:
     """The model repository directory."""
 
-    def __init__(self, root: Path, registry: RuntimeRegistry) -> None:
+    def __init__(self, root: Path, registry: RuntimeRegistry, root_model_name: str | None = None) -> None:
         self.root = root.resolve()
         self.registry = registry
+        self.root_model_name = root_model_name
 
     def scan(self) -> dict[str, RepositoryModel]:
-        """Read every model folder in the repository."""
+        """Read every model folder in the repository (or the repository folder itself, when it
+        holds one model's files directly, as KServe lays out a single model)."""
         if not self.root.is_dir():
             raise InvalidInput(f"model repository {self.root} is not a directory")
+        if self._holds_one_model():
+            model = self._read_folder(self.root, self.root_model_name or self.root.name)
+            return {model.name: model}
         models: dict[str, RepositoryModel] = {}
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
@@ -92,12 +98,23 @@ class Repository:
 
     # ------------------------------------------------------------------ one folder
 
-    def _read_folder(self, folder: Path) -> RepositoryModel:
+    def _holds_one_model(self) -> bool:
+        """The root is one model when it has a model's files and no model folders (only
+        numeric version folders, or none)."""
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.name.startswith(".") and not VERSION_PATTERN.fullmatch(child.name):
+                return False
+        if (self.root / MODEL_YAML).is_file() or (self.root / MLSERVER_SETTINGS).is_file():
+            return True
+        return self.registry.detect(self.root) is not None
+
+    def _read_folder(self, folder: Path, folder_name: str | None = None) -> RepositoryModel:
+        folder_name = folder_name or folder.name
         try:
-            check_name(folder.name)
+            check_name(folder_name)
             if not folder.resolve().is_relative_to(self.root):
                 raise InvalidInput(f"{folder.name}/ points outside the model repository")
-            name, config, source, fixed_version = self._describe(folder)
+            name, config, source, fixed_version = self._describe(folder, folder_name)
             check_name(name)
             model = RepositoryModel(name, folder)
             for version, path in self._versions(folder, fixed_version).items():
@@ -108,22 +125,23 @@ class Repository:
                     raise InvalidInput(self._undetected(path))
                 model.versions[version] = ModelSpec(name, version, path, runtime, config, source)
             model.served = select_versions(list(model.versions), config.versions)
+            model.served_policy = config.versions
             return model
         except (InvalidInput, OSError) as exc:
             reason = exc.message if isinstance(exc, InvalidInput) else f"cannot read {folder}: {exc}"
             log.error("model folder %s/: %s", folder.name, reason)
-            return RepositoryModel(folder.name, folder, error=reason)
+            return RepositoryModel(folder_name, folder, error=reason)
 
-    def _describe(self, folder: Path) -> tuple[str, ModelConfig, str, str | None]:
+    def _describe(self, folder: Path, name: str) -> tuple[str, ModelConfig, str, str | None]:
         """Name, config, where the config came from, and a version fixed by the config."""
         model_yaml = folder / MODEL_YAML
         if model_yaml.is_file():
-            return folder.name, _parse_model_yaml(model_yaml), MODEL_YAML, None
+            return name, _parse_model_yaml(model_yaml), MODEL_YAML, None
         settings = folder / MLSERVER_SETTINGS
         if settings.is_file():
-            name, config, version = _parse_mlserver_settings(settings, folder.name)
-            return name, config, MLSERVER_SETTINGS, version
-        return folder.name, ModelConfig(), "detected", None
+            named, config, version = _parse_mlserver_settings(settings, name)
+            return named, config, MLSERVER_SETTINGS, version
+        return name, ModelConfig(), "detected", None
 
     def _versions(self, folder: Path, fixed_version: str | None) -> dict[str, Path]:
         numbered = {

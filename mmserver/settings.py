@@ -32,6 +32,22 @@ class Settings(BaseSettings):
         "info", description="Log verbosity."
     )
     access_log: bool = Field(False, description="Log one line per HTTP request (costs throughput).")
+    model_control_mode: Literal["watch", "explicit", "none"] = Field(
+        "watch",
+        description="watch: follow the repository folder (and allow the load/unload API); "
+        "explicit: change models only through the load/unload API; none: neither.",
+    )
+    repository_poll: bool = Field(
+        False, description="Poll the repository instead of using file system events (network mounts)."
+    )
+    repository_settle_s: float = Field(
+        2.0, gt=0, description="A changed model folder is read once its files stay unchanged this long."
+    )
+    model_name: str | None = Field(
+        None,
+        description="Name of the model when the repository folder itself holds one model's files "
+        "(KServe's single-model layout); default: the folder's name.",
+    )
     max_batch_size: int = Field(
         32,
         ge=1,

@@ -22,6 +22,7 @@ from ..manager import ModelManager
 from ..metrics import Metrics
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
+from ..watcher import RepositoryWatcher
 from . import v2
 from .http import JSON, error_parts
 from .infer import InferenceRoute
@@ -71,7 +72,7 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
         )
         manager = ModelManager(settings, registry, metrics)
         app.state.manager = manager
-        starting = asyncio.create_task(manager.start(), name="load startup models")
+        starting = asyncio.create_task(_start(manager, settings), name="load startup models")
         starting.add_done_callback(_report_startup_failure)
         try:
             yield
@@ -99,6 +100,16 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
     )
     app.state.settings = settings
     return InferenceRoute(app, app.state)
+
+
+async def _start(manager: ModelManager, settings: Settings) -> None:
+    """Load the startup models, then (in watch mode) follow the repository folder for good."""
+    await manager.start()
+    if settings.model_control_mode == "watch":
+        watcher = RepositoryWatcher(
+            settings.model_repository, manager.rescan, settings.repository_settle_s, settings.repository_poll
+        )
+        await watcher.run()
 
 
 def _report_startup_failure(task: asyncio.Task[None]) -> None:

@@ -1,0 +1,81 @@
+"""Watches the model repository folder and asks the manager to catch up once changes settle.
+
+Change events come from the operating system through watchfiles (or by polling, for file
+systems without events such as some network mounts). A folder being copied in must not be read
+half-written, so after events arrive the watcher waits until no file in the touched model
+folders has changed size or modification time for ``settle_s`` seconds, then rescans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import watchfiles
+
+log = logging.getLogger(__name__)
+
+Signature = frozenset[tuple[str, int, int]]
+
+
+def folder_signature(root: Path, names: set[str]) -> Signature:
+    """(path, size, mtime) of every file under the named top-level folders of ``root``."""
+    entries = []
+    for name in names:
+        folder = root / name
+        paths = folder.rglob("*") if folder.is_dir() else [folder]
+        for path in paths:
+            try:
+                stat = path.stat()
+            except OSError:  # vanished while we looked: the next round sees the change
+                continue
+            entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return frozenset(entries)
+
+
+class RepositoryWatcher:
+    """Runs until cancelled, calling ``on_change`` after every settled batch of changes."""
+
+    def __init__(
+        self, root: Path, on_change: Callable[[], Awaitable[None]], settle_s: float, poll: bool
+    ) -> None:
+        self.root = root.resolve()
+        self.on_change = on_change
+        self.settle_s = settle_s
+        self.poll = poll
+
+    async def run(self) -> None:
+        log.info("watching %s for model changes (%s, settle %.1f s)", self.root,
+                 "polling" if self.poll else "file system events", self.settle_s)
+        async for changes in watchfiles.awatch(
+            self.root, watch_filter=None, force_polling=self.poll, debounce=1000, step=100,
+            poll_delay_ms=300,
+        ):
+            touched = {self._top_level(Path(path)) for _, path in changes} - {None}
+            if not touched:
+                continue
+            await self._settle(touched)  # type: ignore[arg-type]
+            log.info("repository changed (%s): rescanning", ", ".join(sorted(touched)))  # type: ignore[arg-type]
+            try:
+                await self.on_change()
+            except Exception:  # a bad rescan must not stop the watching
+                log.exception("rescanning the repository failed")
+
+    def _top_level(self, path: Path) -> str | None:
+        try:
+            relative = path.resolve().relative_to(self.root) if path.exists() else path.relative_to(self.root)
+        except ValueError:
+            return None
+        return relative.parts[0] if relative.parts else None
+
+    async def _settle(self, names: set[str]) -> None:
+        """Wait until the touched folders stop changing."""
+        before = folder_signature(self.root, names)
+        while True:
+            await asyncio.sleep(self.settle_s)
+            now = folder_signature(self.root, names)
+            if now == before:
+                return
+            before = now
