@@ -66,8 +66,12 @@ def serve_command(overrides: dict[str, Any]) -> int:
     configure_logging(settings.log_level)
     if not settings.model_repository.is_dir():
         raise InvalidInput(f"model repository {settings.model_repository} is not a directory")
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        raise InvalidInput("HTTPS needs both --tls-certfile and --tls-keyfile")
+    scheme = "https" if settings.tls_certfile else "http"
     logging.getLogger("mmserver").info(
-        "serving %s on http://%s:%d", settings.model_repository.resolve(), settings.host, settings.port
+        "serving %s on %s://%s:%d%s", settings.model_repository.resolve(), scheme, settings.host,
+        settings.port, " (bearer token required)" if settings.bearer_token else "",
     )
     uvicorn.run(
         create_app(settings),
@@ -78,7 +82,11 @@ def serve_command(overrides: dict[str, Any]) -> int:
         access_log=settings.access_log,
         log_config=None,
         log_level=settings.log_level,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=30,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )
     return 0
 

@@ -394,11 +394,20 @@ class ModelManager:
             self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
                 before = self.residency.used(placement.device)
-                entry.model = await runtime.load(spec, placement)
+                entry.model = await self._timed_load(runtime, spec, placement)
                 self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, before))
                 return
-        entry.model = await runtime.load(spec, placement)
+        entry.model = await self._timed_load(runtime, spec, placement)
         self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, None))
+
+    async def _timed_load(self, runtime: Runtime, spec: ModelSpec, placement: Placement) -> LoadedModel:
+        """The runtime's load, abandoned after ``load_timeout_s`` (its thread may run on, but the
+        model is reported unavailable and its reservation released)."""
+        timeout = self.settings.load_timeout_s
+        try:
+            return await asyncio.wait_for(runtime.load(spec, placement), timeout)
+        except TimeoutError:
+            raise ModelLoadError(f"loading did not finish within {timeout:g} s (load_timeout_s)") from None
 
     async def _restore(self, entry: ModelEntry, placement: Placement) -> None:
         """Bring a model parked in host RAM back onto a GPU."""
@@ -514,7 +523,7 @@ class ModelManager:
             max_delay_s=(batching.max_delay_ms if batching.max_delay_ms is not None else s.max_delay_ms) / 1000.0,
             max_queue=batching.max_queue or s.max_queue,
             preferred_batch_sizes=tuple(batching.preferred_batch_sizes),
-            timeout_s=spec.config.timeout_s,
+            timeout_s=spec.config.timeout_s if spec.config.timeout_s is not None else s.infer_timeout_s,
             adaptive_fill=s.adaptive_fill if batching.adaptive_fill is None else batching.adaptive_fill,
         )
 

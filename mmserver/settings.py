@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 import yaml
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -97,9 +97,44 @@ class Settings(BaseSettings):
     triton_metrics: bool = Field(
         False, description="Also export Triton's metric names (nv_inference_*, nv_gpu_memory_*)."
     )
+    auth_token: SecretStr | None = Field(
+        None, description="Require 'Authorization: Bearer <token>' on every route but /v2/health/*."
+    )
+    auth_token_file: Path | None = Field(None, description="Read the bearer token from this file.")
+    auth_metrics: bool = Field(False, description="Require the token on /metrics too.")
+    tls_certfile: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM).")
+    tls_keyfile: Path | None = Field(None, description="The private key of --tls-certfile (PEM).")
+    cors_origins: str | None = Field(
+        None, description="Comma-separated origins allowed by CORS ('*' for any); unset: CORS off."
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections and requests in progress before answering 503."
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="Close idle keep-alive connections after this long.")
+    request_read_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive within this long (else 408)."
+    )
+    load_timeout_s: float = Field(
+        600.0, gt=0, description="A model load that takes longer is abandoned; the model is unavailable."
+    )
+    infer_timeout_s: float | None = Field(
+        None, gt=0, description="Default per-request deadline (queue + compute) for models without timeout_s."
+    )
     infer_threads: int = Field(
         8, ge=1, description="Threads that run synchronous model code off the event loop."
     )
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token to require, from --auth-token or --auth-token-file."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text().strip()
+            if not token:
+                raise InvalidInput(f"auth token file {self.auth_token_file} is empty")
+            return token
+        return None
 
     @field_validator("gpu_memory_budget", "host_memory_budget", mode="before")
     @classmethod

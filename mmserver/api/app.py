@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,9 +24,10 @@ from ..metrics import Metrics
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from ..watcher import RepositoryWatcher
-from . import v2
+from . import openapi, v2
 from .http import JSON, error_parts
 from .infer import InferenceRoute
+from .security import BearerAuth
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,12 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
     async def serve_metrics(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    routes = v2.routes()
+    spec = encode_json(openapi.document(metrics=settings.metrics))
+
+    async def serve_openapi(request: Request) -> Response:
+        return Response(spec, media_type=JSON)
+
+    routes = [*v2.routes(), Route("/openapi.json", serve_openapi, methods=["GET"])]
     if settings.metrics:
         routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
     app = Starlette(
@@ -99,7 +106,20 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
         },
     )
     app.state.settings = settings
-    return InferenceRoute(app, app.state)
+    return _protected(InferenceRoute(app, app.state), settings)
+
+
+def _protected(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """Wrap the application in the bearer-token check and, outside it (browsers send preflight
+    requests without credentials), CORS when origins are configured."""
+    token = settings.bearer_token
+    if token is not None:
+        app = BearerAuth(app, token, settings.auth_metrics)
+    if settings.cors_origins:
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                             allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
+    return app
 
 
 async def _start(manager: ModelManager, settings: Settings) -> None:

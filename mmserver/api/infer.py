@@ -27,6 +27,10 @@ _TIMEOUT_HEADER = b"request-timeout"
 _JSON_HEADERS = [(b"content-type", JSON.encode())]
 
 
+#: the paths this handler answers (documented in api/openapi.py)
+PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
 def infer_target(path: str) -> tuple[str, str | None] | None:
     """``(model, version)`` for an inference path, else None."""
     parts = path.split("/")
@@ -93,7 +97,8 @@ class InferenceRoute:
                 binary_length = value.decode("latin-1")
             elif key == _TIMEOUT_HEADER:
                 timeout_header = value.decode("latin-1")
-        body = await read_body(receive, declared, self.state.settings.max_request_bytes)
+        settings = self.state.settings
+        body = await read_body(receive, declared, settings.max_request_bytes, settings.request_read_timeout_s)
         request = decode_request(body, binary_length)
         deadline = request_deadline(request.parameters.get("timeout"), timeout_header)
         response = await self.state.manager.infer(entry, request, deadline, _disconnect_probe(receive))

@@ -1,0 +1,47 @@
+"""Access control: an optional bearer token, checked in constant time before any route runs."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import Unauthorized
+from .http import error_parts
+
+OPEN_PREFIX = "/v2/health/"  # probes must work without credentials
+METRICS_PATH = "/metrics"
+
+
+class BearerAuth:
+    """ASGI middleware answering 401 with ``WWW-Authenticate: Bearer`` unless the request carries
+    ``Authorization: Bearer <token>``. Health probes, and /metrics unless ``protect_metrics``,
+    stay open."""
+
+    def __init__(self, app: ASGIApp, token: str, protect_metrics: bool) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+        self.protect_metrics = protect_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._is_open(scope["path"]) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        has_header = any(key == b"authorization" for key, _ in scope["headers"])
+        error = Unauthorized("a valid bearer token is required" if has_header else
+                             "this server requires 'Authorization: Bearer <token>'")
+        status, headers, body = error_parts(error)
+        headers["www-authenticate"] = 'Bearer realm="mmserver"'
+        headers["content-length"] = str(len(body))
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _is_open(self, path: str) -> bool:
+        return path.startswith(OPEN_PREFIX) or (path == METRICS_PATH and not self.protect_metrics)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                return hmac.compare_digest(value, self._expected)
+        return False
