@@ -9,6 +9,7 @@ on pickle sizes; the budget (``--host-memory-budget 350MiB``) holds three of the
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import httpx
 import joblib
@@ -29,6 +30,9 @@ MODELS = {
     "slow": "memory: 100MiB\nload: lazy\nbatching: {max_batch_size: 1}\n",
     "huge": "memory: 400MiB\nload: lazy\n",
 }
+#: tiny Hugging Face models served by the transformers runtime (torch on the CPU)
+TORCH_MODELS = {"torch-cls": "memory: 100MiB\nload: lazy\n", "torch-emb": "memory: 100MiB\nload: lazy\n"}
+HAS_TORCH = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,12 @@ def memory_server(tmp_path_factory, start_server):
                      else LogisticRegression()).fit(x, y)
         joblib.dump(estimator, folder / "model.joblib")
         (root / name / "model.yaml").write_text(yaml_text)
+    if HAS_TORCH:
+        from tiny_hf import build_classifier, build_embedder
+
+        for name, build in (("torch-cls", build_classifier), ("torch-emb", build_embedder)):
+            build(root / name / "1")
+            (root / name / "model.yaml").write_text(TORCH_MODELS[name])
     log = tmp_path_factory.mktemp("memory-log") / "server.log"
     with start_server(root, log, "--host-memory-budget", "350MiB") as server:
         yield server
@@ -60,7 +70,7 @@ def infer(url: str, model: str, rows: int = 1) -> httpx.Response:
 def test_models_beyond_the_budget_take_turns_least_recently_used_first(memory_server):
     url = memory_server.url
     rows = index(url)
-    assert {n: rows[n]["state"] for n in rows} == {
+    assert {n: rows[n]["state"] for n in MODELS} == {
         "pinned": "READY", "a": "READY", "b": "READY", "c": "UNAVAILABLE", "slow": "UNAVAILABLE",
         "huge": "UNAVAILABLE"}
     assert rows["c"]["reason"] == "loads on first request"
@@ -85,7 +95,7 @@ def test_models_beyond_the_budget_take_turns_least_recently_used_first(memory_se
     assert value(after, "mmserver_model_evictions_total", model_name="pinned", model_version="1") == 0
     assert value(after, "mmserver_memory_budget_bytes", device="cpu") == 350 * 2**20
     held = sum(value(after, "mmserver_memory_reserved_bytes", model_name=n, model_version="1", device="cpu")
-               for n in MODELS)
+               for n in [*MODELS, *TORCH_MODELS])
     assert held == 300 * 2**20 <= 350 * 2**20
 
 
@@ -126,3 +136,33 @@ def test_a_model_serving_requests_is_not_evicted(memory_server):
     assert busy.status_code == 200
     assert states["slow"] == "READY" and states["a"] == "READY" and states["pinned"] == "READY"
     assert sum(states[n] == "READY" for n in ("b", "c")) == 0  # both idle ones made room in turn
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the transformers runtime is not installed")
+def test_torch_and_sklearn_models_take_turns_in_one_budget(memory_server):
+    url = memory_server.url
+    texts = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a cat", "the dog runs"]}]}
+
+    def ready() -> set[str]:
+        return {n for n, r in index(url).items() if r["state"] == "READY"}
+
+    # a known order of use among the loaded sklearn models, least recent first
+    loaded = sorted(ready() - {"pinned"})
+    for name in loaded:
+        assert infer(url, name).status_code == 200
+    assert infer(url, "pinned").status_code == 200
+    order = list(loaded)
+    for torch_model, output in (("torch-cls", "scores"), ("torch-emb", "embedding")):
+        response = httpx.post(f"{url}/v2/models/{torch_model}/infer", json=texts, timeout=60)
+        assert response.status_code == 200, response.text
+        outputs = {o["name"]: o for o in response.json()["outputs"]}
+        assert outputs[output]["shape"][0] == 2
+        evicted = order.pop(0)  # the least recently used model made room
+        assert ready() == {"pinned", *order, *([torch_model] if torch_model == "torch-cls" else []),
+                           *(["torch-cls", "torch-emb"] if torch_model == "torch-emb" else [])}
+        assert index(url)[evicted]["reason"] == "evicted, reloads on the next request"
+    # and a scikit-learn model coming back pushes out the least recently used torch model
+    assert infer(url, evicted).status_code == 200
+    assert ready() == {"pinned", "torch-emb", evicted}
+    held = sum(r.get("memory_bytes", {}).get("cpu", 0) for r in index(url).values())
+    assert held <= 350 * 2**20
