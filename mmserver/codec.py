@@ -198,6 +198,8 @@ def _exact_integers(data: Any, name: str) -> np.ndarray:
     """numpy parses integers >= 2**63 mixed with smaller ones as float64; keep them exact."""
     values = np.array(data, dtype=object).reshape(-1)
     if not all(type(v) is int for v in values):
+        if any(type(v) is float and not 0 <= v < 2.0**64 for v in values):
+            raise InvalidInput(f"input '{name}': a value is out of range for UINT64")
         raise InvalidInput(f"input '{name}': UINT64 data must be integers")
     if values.size and (min(values) < 0 or max(values) >= 2**64):
         raise InvalidInput(f"input '{name}': a value is out of range for UINT64")
@@ -215,6 +217,9 @@ def _cast(parsed: np.ndarray, datatype: str, dtype: np.dtype, name: str) -> np.n
         return parsed
     if dtype.kind in "iu":
         if kind not in "iu":
+            if kind == "f" and _beyond_integer_range(parsed, dtype):
+                # the JSON parser yields integers beyond 64 bits as floats
+                raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
             raise InvalidInput(f"input '{name}': {datatype} data must be integers")
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
@@ -227,6 +232,11 @@ def _cast(parsed: np.ndarray, datatype: str, dtype: np.dtype, name: str) -> np.n
     if not np.isfinite(cast).all():
         raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
     return cast
+
+
+def _beyond_integer_range(parsed: np.ndarray, dtype: np.dtype) -> bool:
+    info = np.iinfo(dtype)
+    return bool(parsed.min() < float(info.min) or parsed.max() >= float(info.max) + 1)
 
 
 def _bytes_from_json(data: Any, count: int, name: str) -> np.ndarray:

@@ -844,3 +844,22 @@ def test_split_rows_scalar_counts_as_one_row():
     assert split_rows(scalar, [1])[0] is scalar
     with pytest.raises(InferenceError, match="returned 1 rows for a batch of 2"):
         split_rows(scalar, [1, 1])
+
+
+@pytest.mark.parametrize(
+    "datatype, literal",
+    [
+        ("INT64", b"100000000000000000000000000"), ("INT64", b"-18446744073709551616"),
+        ("INT32", b"18446744073709551616"), ("UINT8", b"1e30"), ("UINT64", b"18446744073709551616"),
+        ("UINT64", b"[1, 18446744073709551616]"), ("UINT64", b"[18446744073709551615, 1e20]"),
+    ],
+)
+def test_integers_beyond_64_bits_are_out_of_range_not_non_integers(datatype, literal):
+    """JSON integers beyond 64 bits reach numpy as floats: the error must still say what is wrong."""
+    data = literal if literal.startswith(b"[") else b"[" + literal + b"]"
+    count = data.count(b",") + 1
+    body = (b'{"inputs":[{"name":"' + NAME.encode() + b'","datatype":"' + datatype.encode()
+            + b'","shape":[' + str(count).encode() + b'],"data":' + data + b"}]}")
+    with pytest.raises(InvalidInput) as error:
+        decode_request(body)
+    assert error.value.message == f"input '{NAME}': a value is out of range for {datatype}"
