@@ -880,3 +880,14 @@ def test_concurrent_startup_loads_all_succeed(tmp_path, start_server):
             failed = {row["name"]: row["reason"] for row in httpx.post(f"{s.url}/v2/repository/index").json()
                       if row["state"] != "READY"}
         assert failed == {}
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(server):
+    """Starlette's default answered ``GET /v2/models/iris/`` with a 307 to
+    ``http://<Host header>/v2/models/iris``: an open redirect, and a hop instead of a 404."""
+    for method, path in [("GET", "/v2/models/iris/"), ("GET", "/v2/models/iris/ready/"), ("GET", "/v2/"),
+                         ("POST", "/v2/repository/index/")]:
+        response = httpx.request(method, f"{server.url}{path}", headers={"Host": "evil.example"})
+        assert response.status_code == 404, (path, response.status_code, response.headers)
+        assert "location" not in response.headers
+        assert response.json()["error"].startswith("no route for")

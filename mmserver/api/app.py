@@ -105,6 +105,9 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
             Exception: _on_server_error,
         },
     )
+    # No redirect from "/path/" to "/path": a 307 built from the request's Host header is an
+    # open redirect, and a hostile name in a URL must get its 404, not a hop elsewhere.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     return _protected(InferenceRoute(app, app.state), settings)
 
