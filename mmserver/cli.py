@@ -61,6 +61,7 @@ def serve_command(overrides: dict[str, Any]) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.protocol import http_protocol
 
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
@@ -78,7 +79,7 @@ def serve_command(overrides: dict[str, Any]) -> int:
         host=settings.host,
         port=settings.port,
         loop="auto",
-        http="httptools",
+        http=http_protocol(settings.request_read_timeout_s),
         access_log=settings.access_log,
         log_config=None,
         log_level=settings.log_level,

@@ -9,8 +9,8 @@ correctly and promptly, even while a fault is in progress.
 
 Rude clients: one that disconnects mid-request, one that trickles its body past
 ``--request-read-timeout-s`` (408, while the server keeps answering others), and idle or
-connections against a small ``--max-connections`` (the excess gets 503, and normal clients are
-served again once the idle ones close or time out after ``--keep-alive-s``).
+slow-header connections against a small ``--max-connections`` (the excess gets 503, and normal
+clients are served again once the idle ones close or time out after ``--keep-alive-s``).
 """
 
 from __future__ import annotations
@@ -359,6 +359,49 @@ def test_idle_keep_alive_connections_are_closed_after_keep_alive_s(capped_server
     assert one_request(url) == 200
     for sock in idle:
         sock.close()
+
+
+def test_connections_that_never_send_a_request_are_closed_too(capped_server):
+    """A socket that connects and says nothing holds a connection slot: with the cap, a handful
+    of them would lock every client out for good. They get ``--keep-alive-s`` like any idle
+    connection."""
+    url = capped_server.url
+    idle = open_idle(url, MAX_CONNECTIONS, first_request=False)
+    assert one_request(url) == 503
+    time.sleep(KEEP_ALIVE_S + 0.5)
+    try:
+        assert all(closed_by_server(sock) for sock in idle)
+        assert one_request(url) == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_headers_trickled_in_slowly_do_not_hold_a_connection_forever(capped_server):
+    """Slowloris: request heads sent a byte at a time. Each must be complete within
+    ``--request-read-timeout-s`` or the connection is closed."""
+    url = capped_server.url
+    sockets = open_idle(url, MAX_CONNECTIONS, first_request=False)
+    head = request_bytes("GET", "/v2/health/live")
+    stop = time.monotonic() + READ_TIMEOUT_S + 1.5
+    sent = 0
+    while time.monotonic() < stop and sent < len(head) - 4:
+        for sock in sockets:
+            try:
+                sock.sendall(head[sent:sent + 1])
+            except OSError:
+                pass
+        sent += 1
+        time.sleep(0.2)
+    try:
+        response = read_response(sockets[0])
+        assert response.status == 408
+        assert f"request head did not arrive within {READ_TIMEOUT_S:g} s" in response.error()
+        assert all(closed_by_server(sock) for sock in sockets)
+        assert one_request(url) == 200
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_the_capped_server_ends_healthy(capped_server):
