@@ -14,7 +14,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from .errors import (
@@ -163,6 +164,29 @@ class Batcher:
                 if not self._running:
                     self._idle.set()
 
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[LoadedModel]:
+        """Count work that runs outside ``submit`` (a streamed generation, which calls the model
+        directly) as running for as long as the context lasts: the model is busy, so it is not
+        evicted, and ``drain`` waits for it; models that batch internally count it against their
+        concurrency cap. Raises ``ModelNotReady`` once draining, ``Overloaded`` at the cap."""
+        if self._closed:
+            raise ModelNotReady(f"model {self.label} is unloading")
+        if self._direct is not None and self._direct.locked():
+            raise Overloaded(f"model {self.label} is at its concurrency cap", retry_after=1.0)
+        self._running += 1
+        self._idle.clear()
+        try:
+            if self._direct is None:
+                yield self.model
+            else:
+                async with self._direct:
+                    yield self.model
+        finally:
+            self._running -= 1
+            if not self._running and not self._queue:
+                self._idle.set()
+
     async def drain(self) -> None:
         """Stop accepting requests and wait until every accepted one has been answered."""
         self._closed = True
@@ -175,7 +199,8 @@ class Batcher:
     async def _work(self) -> None:
         while True:
             if not self._queue:
-                self._idle.set()
+                if not self._running:  # nothing held (see hold)
+                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

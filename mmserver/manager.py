@@ -15,7 +15,8 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
@@ -186,6 +187,21 @@ class ModelManager:
         response.model_version = entry.version
         response.id = request.id
         return response
+
+    @asynccontextmanager
+    async def generating(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
+        """The loaded model, for a request that calls it directly (a streamed text generation):
+        loads a lazy or evicted one like ``infer`` does, and holds it in its batcher's in-flight
+        count for as long as the context lasts, so it is not evicted or unloaded underneath."""
+        batcher = entry.batcher
+        if batcher is None or entry.state is not ModelState.READY:
+            batcher = await self._wait_until_ready(entry)
+        entry.last_used = time.monotonic()
+        try:
+            async with batcher.hold() as model:
+                yield model
+        finally:
+            entry.last_used = time.monotonic()
 
     # ------------------------------------------------------------------ repository changes
 
@@ -370,6 +386,8 @@ class ModelManager:
                 entry.evicted = False
                 entry.load_error = None
                 entry.batcher = Batcher(entry.model, self._batch_policy(spec), entry.key, entry.metrics)
+                model = entry.model
+                model.watch(lambda reason: self._on_failure(entry, model, reason))
                 took = time.monotonic() - started
                 entry.metrics.loaded(took)
                 self._set_state(entry, ModelState.READY, "", took)
@@ -481,6 +499,16 @@ class ModelManager:
         entry.parked = None
         self.ledger.release(entry.key)
         self._set_state(entry, ModelState.UNAVAILABLE, reason, time.monotonic() - started)
+
+    def _on_failure(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
+        """A loaded model broke for good (its engine process died): unload it (which cleans up
+        what is left of it) and report it unavailable with the reason, until loaded again."""
+        if entry.model is not model or entry.state is not ModelState.READY:
+            return
+        log.error("model %s failed: %s", entry.key, reason)
+        asyncio.get_running_loop().create_task(
+            self._unload(entry, f"failed: {reason}; load it again through the repository API"),
+            name=f"unload failed {entry.key}")
 
     async def _sweep_idle(self) -> None:
         """Evict models that have been idle longer than their ``idle_unload_s``."""

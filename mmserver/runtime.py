@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from importlib.metadata import entry_points
@@ -102,6 +102,11 @@ class LoadedModel(ABC):
         """Bring an offloaded model back onto ``placement``'s device."""
         raise TypeError(f"{type(self).__name__} has no host tier (can_offload is False)")
 
+    def watch(self, on_failure: Callable[[str], None]) -> None:
+        """Called by the manager once the model is loaded. A model that can break for good later
+        (an engine process that dies) calls ``on_failure(reason)`` on the event loop; the manager
+        then unloads it and reports it unavailable with that reason. The default never calls it."""
+
 
 class Runtime(ABC):
     """A framework plugin. Stateless; one instance serves every model of its framework."""
@@ -121,6 +126,16 @@ class Runtime(ABC):
     @abstractmethod
     async def load(self, spec: ModelSpec, placement: Placement) -> LoadedModel:
         """Load the model; raise on broken files."""
+
+    def generates_text(self, spec: ModelSpec) -> bool:
+        """Whether the model would serve the text generation routes (``mmserver.generation``),
+        told from its files without loading it. Must be cheap."""
+        return False
+
+    def collect_metrics(self) -> Iterable[Any]:
+        """Prometheus metric families of this runtime's engines (vLLM's own), exported with the
+        server's metrics at scrape time."""
+        return ()
 
 
 def files_with_suffix(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
