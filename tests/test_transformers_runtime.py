@@ -245,7 +245,7 @@ def test_detection_and_estimate_import_neither_torch_nor_transformers(hf_repo: H
         "from mmserver.spec import ModelConfig, ModelSpec\n"
         "registry = RuntimeRegistry.discover()\n"
         f"folder = Path({str(hf_repo.folder('generator'))!r})\n"
-        "assert registry.detect(folder) == 'transformers'\n"
+        "assert registry.detect(folder) in ('transformers', 'vllm')  # vllm ranks first where installed\n"
         "spec = ModelSpec('g', '1', folder, 'transformers', ModelConfig(), 'detected')\n"
         "print(registry.get('transformers').estimate(spec)['cpu'])\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"

@@ -119,14 +119,26 @@ def build_embedder(path: Path, seed: int = 3) -> Path:
     return path
 
 
-def build_generator(path: Path, seed: int = 2) -> Path:
+#: a ChatML-like template; it starts with the BOS token, as the tokenizer's own special tokens do
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_generator(path: Path, seed: int = 2, max_positions: int = 256, chat_template: bool = False) -> Path:
+    """The tiny Llama; ``max_positions`` only sets the config's limit (rotary positions have no
+    weights). ``chat_template`` puts ``CHAT_TEMPLATE`` inline in ``tokenizer_config.json`` (where
+    every loader reads it; transformers 5 saves it to ``chat_template.jinja`` by itself)."""
+    import json
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_bpe_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_positions,
         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
@@ -136,4 +148,11 @@ def build_generator(path: Path, seed: int = 2) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if chat_template:
+        config_path = path / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text())
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+        tokenizer_config["model_max_length"] = max_positions
+        config_path.write_text(json.dumps(tokenizer_config, indent=2))
+        (path / "chat_template.jinja").unlink(missing_ok=True)
     return path

@@ -24,7 +24,7 @@ from ..metrics import Metrics
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from ..watcher import RepositoryWatcher
-from . import openapi, v2
+from . import generate, openai, openapi, v2
 from .http import JSON, error_parts
 from .infer import InferenceRoute
 from .security import BearerAuth
@@ -84,6 +84,8 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
             await manager.stop()
 
     metrics = Metrics(enabled=settings.metrics, triton_aliases=settings.triton_metrics)
+    if settings.metrics:  # engines' own metrics (vLLM's), kept per model by their runtime
+        metrics.registry.register(_RuntimeMetrics(registry))
 
     async def serve_metrics(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -93,7 +95,7 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
     async def serve_openapi(request: Request) -> Response:
         return Response(spec, media_type=JSON)
 
-    routes = [*v2.routes(), Route("/openapi.json", serve_openapi, methods=["GET"])]
+    routes = [*v2.routes(), *generate.routes(), *openai.routes(), Route("/openapi.json", serve_openapi, methods=["GET"])]
     if settings.metrics:
         routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
     app = Starlette(
@@ -110,6 +112,17 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
     app.router.redirect_slashes = False
     app.state.settings = settings
     return _protected(InferenceRoute(app, app.state), settings)
+
+
+class _RuntimeMetrics:
+    """A scrape-time collector of every runtime's ``collect_metrics``."""
+
+    def __init__(self, registry: RuntimeRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        for runtime in list(self.registry.runtimes.values()):
+            yield from runtime.collect_metrics()
 
 
 def _protected(app: ASGIApp, settings: Settings) -> ASGIApp:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..codec import DTYPES
+from . import generate, openai
 
 JSON = "application/json"
 
@@ -193,6 +194,8 @@ def document(metrics: bool = True) -> dict[str, Any]:
         if path == "/metrics" and not metrics:
             continue
         paths.setdefault(path, {})[method] = _operation(path, summary, ok, errors, body)
+    for (method, path), operation in {**generate.OPENAPI, **openai.OPENAPI}.items():  # text generation
+        paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.0.3",
         "info": {"title": "mmserver", "version": __version__,
@@ -200,7 +203,7 @@ def document(metrics: bool = True) -> dict[str, Any]:
                                 "tensor data and model repository extensions."},
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **generate.OPENAPI_SCHEMAS, **openai.OPENAPI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

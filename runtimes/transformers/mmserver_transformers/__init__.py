@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmserver.errors import ModelLoadError
 from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, run_sync
 from mmserver.spec import ModelSpec
 
 from .estimate import TORCH_BIN, estimate_memory
-from .options import CONFIG_FILE
+from .options import CONFIG_FILE, GENERATION, read_config, task_of
 
 __all__ = ["TransformersRuntime", "estimate_memory"]
 
@@ -38,6 +39,12 @@ class TransformersRuntime(Runtime):
 
     async def load(self, spec: ModelSpec, placement: Placement):
         return await run_sync(_load, spec, placement)
+
+    def generates_text(self, spec: ModelSpec) -> bool:
+        try:
+            return task_of(read_config(spec.artifact), spec.config.parameters) == GENERATION
+        except ModelLoadError:
+            return False
 
 
 def _load(spec: ModelSpec, placement: Placement):

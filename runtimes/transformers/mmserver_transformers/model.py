@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
+from mmserver.generation import GenerationChunk, GenerationRequest, TextGenerator
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
@@ -171,12 +172,23 @@ class _TokenCounter:
             return [len(e.ids) for e in self._fast.encode_batch(texts, add_special_tokens=True)]
         return [len(ids) for ids in self._slow(texts, add_special_tokens=True)["input_ids"]]
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._slow(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(list(ids), skip_special_tokens=True)
+        return self._slow.decode(list(ids), skip_special_tokens=True)
+
 
 # ----------------------------------------------------------------------------- the model
 
 
-class TransformersModel(LoadedModel):
-    """A loaded classification, embedding or generation model."""
+class TransformersModel(LoadedModel, TextGenerator):
+    """A loaded classification, embedding or generation model (the last also streams text
+    through ``mmserver.generation``: see ``streaming.py``)."""
 
     def __init__(self, model: Any, tokenizer: Any, options: Options, config: dict[str, Any],
                  device: str, dtype: str, label: str) -> None:
@@ -245,6 +257,43 @@ class TransformersModel(LoadedModel):
             outputs=list(self._outputs),
             parameters=parameters,
         )
+
+    # -------------------------------------------------------------- text generation contract
+
+    @property
+    def generates_text(self) -> bool:
+        return self.task == GENERATION
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.limit
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        if self.task != GENERATION:
+            return {}
+        return {"max_tokens": self.options.max_new_tokens, "temperature": 1.0 if self.default_do_sample else 0.0}
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from .streaming import stream_generation
+
+        return stream_generation(self, request)
+
+    def count_tokens(self, prompt: str | list[int], add_special_tokens: bool = True) -> int:
+        if isinstance(prompt, list):
+            return len(prompt)
+        if self._counter is None:
+            raise ModelNotReady(f"model {self.label} is unloaded")
+        return len(self._counter.encode(prompt, add_special_tokens))
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if self.task != GENERATION or not template:
+            raise InvalidInput(f"model {self.label} has no chat template; use /v1/completions")
+        try:  # rendering only (jinja): no tokenizer state is touched
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - errors raised by the template itself
+            raise InvalidInput(f"the chat template of model {self.label} rejects these messages: {exc}") from None
 
     # -------------------------------------------------------------- validation (event loop)
 

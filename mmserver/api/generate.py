@@ -1,0 +1,357 @@
+"""Triton's generate extension for text generators, and the plumbing the generation routes share.
+
+``POST /v2/models/{m}[/versions/{v}]/generate`` takes a flat JSON object: ``text_input`` and the
+sampling parameters, at the top level or under ``parameters`` (``max_tokens``, ``temperature``,
+``top_p``, ``top_k``, ``seed``, ``stop``, ...), and answers ``{"model_name", "model_version",
+"text_output"}``. ``.../generate_stream`` answers the same objects as server-sent events, one per
+piece of new text (the last one carries ``finish_reason``); an error after the stream started
+comes as an event ``{"error": ...}``. Errors before it are the V2 ``{"error": ...}`` body.
+
+Shared with the OpenAI routes (``api/openai.py``): finding a model that generates text (loading
+a lazy one, and holding it in flight for the whole request), deadlines, request metrics, and an
+event-stream response that cancels the generation when the client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from ..codec import encode_json
+from ..entry import ModelEntry
+from ..errors import ClientDisconnected, InferenceTimeout, InvalidInput, MMServerError, ModelNotReady
+from ..generation import (
+    SAMPLING_KEYS,
+    GenerationRequest,
+    InvalidParameter,
+    TextGenerator,
+    as_generator,
+    check_room,
+    generate_all,
+    parse_sampling,
+)
+from ..manager import ModelManager
+from ..metrics import outcome_of
+from .http import JSON, read_body
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: V2 spellings of sampling parameters (the transformers runtime's)
+V2_ALIASES = {"max_new_tokens": "max_tokens"}
+#: flags of Triton's vLLM backend that change nothing here (the input is never echoed)
+TRITON_FLAGS = frozenset({"exclude_input_in_output", "stream", "return_finish_reason",
+                          "return_num_input_tokens", "return_num_output_tokens"})
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+
+# ----------------------------------------------------------------------------- shared plumbing
+
+
+def manager_of(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON (400 when it is not)."""
+    settings = request.app.state.settings
+    body = await read_body(request.receive, request.headers.get("content-length"), settings.max_request_bytes,
+                           settings.request_read_timeout_s)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+
+
+def generating_entry(manager: ModelManager, name: str, version: str | None = None) -> ModelEntry:
+    """The entry of a model that generates text (400 for one that does not: it is not loaded)."""
+    entry = manager.entry(name, version)
+    model = entry.model
+    if model is not None:
+        if as_generator(model) is None:
+            raise InvalidInput(f"model '{entry.key}' does not generate text")
+        return entry
+    if entry.spec is None:
+        raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
+    try:
+        runtime = manager.registry.get(entry.spec.runtime)
+    except LookupError as exc:
+        raise ModelNotReady(f"model '{entry.key}' is not ready: {exc}") from None
+    if not runtime.generates_text(entry.spec):
+        raise InvalidInput(f"model '{entry.key}' does not generate text")
+    return entry
+
+
+async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry) -> TextGenerator:
+    """The model as a text generator, loaded if need be and held in flight until ``stack`` closes."""
+    model = await stack.enter_async_context(manager.generating(entry))
+    generator = as_generator(model)
+    if generator is None:
+        raise InvalidInput(f"model '{entry.key}' does not generate text")
+    return generator
+
+
+def deadline_of(entry: ModelEntry, request: Request) -> float | None:
+    """Seconds a non-streamed generation may take: the model's ``timeout_s`` or the server's."""
+    if entry.spec is not None and entry.spec.config.timeout_s is not None:
+        return entry.spec.config.timeout_s
+    return request.app.state.settings.infer_timeout_s
+
+
+async def until_disconnected(work: Awaitable[T], receive: Receive, timeout_s: float | None = None) -> T:
+    """Run ``work`` (after the body was read) but cancel it when the client disconnects (raising
+    ``ClientDisconnected``) or after ``timeout_s`` (raising ``InferenceTimeout``)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if watcher in done:
+        raise ClientDisconnected("the client disconnected; its generation was aborted")
+    raise InferenceTimeout(f"the generation did not finish within {timeout_s:g} s")
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class EventStream:
+    """An ASGI response of server-sent events from ``events`` (already encoded). When the client
+    disconnects, the iterator is cancelled and closed, which aborts the generation behind it;
+    ``on_end`` is called once with the outcome (``success``, ``cancelled``, ``error``)."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_end: Callable[[str], None], cleanup: AsyncExitStack) -> None:
+        self.events = events
+        self.on_end = on_end
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = "error"
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            pump = asyncio.ensure_future(self._pump(send))
+            watcher = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                done, _ = await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+                if not pump.done():
+                    pump.cancel()
+                await asyncio.gather(pump, watcher, return_exceptions=True)
+            if pump in done and not pump.cancelled() and pump.exception() is None:
+                outcome = pump.result()
+            elif pump.cancelled() or isinstance(pump.exception(), OSError):
+                outcome = "cancelled"
+            else:
+                log.error("event stream failed: %r", pump.exception())
+        except OSError:  # the connection broke while sending
+            outcome = "cancelled"
+        finally:
+            try:
+                await self.events.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self.cleanup.aclose()
+                self.on_end(outcome)
+
+    async def _pump(self, send: Send) -> str:
+        outcome = "success"
+        async for event in self.events:
+            if event.startswith(b"data: {\"error\""):
+                outcome = "error"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return outcome
+
+
+def sse(doc: Any) -> bytes:
+    return b"data: " + encode_json(doc) + b"\n\n"
+
+
+def record(entry: ModelEntry | None, started: float) -> Callable[[str], None]:
+    """A callback recording one request's outcome in the model's metrics."""
+    def done(outcome: str) -> None:
+        if entry is not None:
+            entry.metrics.request(outcome, time.perf_counter() - started)
+    return done
+
+
+def fail(entry: ModelEntry | None, started: float, error: BaseException) -> None:
+    record(entry, started)(outcome_of(error) if isinstance(error, MMServerError) else "error")
+
+
+# ----------------------------------------------------------------------------- the generate extension
+
+
+def _generate_request(body: Any) -> tuple[str, dict[str, Any], str | None]:
+    """``text_input``, the sampling parameters and the request id of a generate request."""
+    if not isinstance(body, dict):
+        raise InvalidInput("the generate request body must be a JSON object with 'text_input'")
+    text = body.get("text_input")
+    if isinstance(text, list) and len(text) == 1:
+        text = text[0]
+    if not isinstance(text, str):
+        raise InvalidInput("'text_input' must be a string")
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    values = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
+    for key in set(values) & set(parameters):
+        raise InvalidParameter(f"parameter '{key}' is given both at the top level and in 'parameters'", key)
+    values.update(parameters)
+    known = set(SAMPLING_KEYS) | set(V2_ALIASES) | TRITON_FLAGS
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidParameter(
+            f"unknown parameter '{unknown[0]}'; generate takes {', '.join(sorted(set(SAMPLING_KEYS) | set(V2_ALIASES)))}",
+            unknown[0])
+    return text, values, request_id
+
+
+async def generate(request: Request) -> Response:
+    return await _generate(request, stream=False)
+
+
+async def generate_stream(request: Request) -> Response:
+    return await _generate(request, stream=True)
+
+
+async def _generate(request: Request, stream: bool) -> Any:
+    started = time.perf_counter()
+    manager = manager_of(request)
+    params = request.path_params
+    entry = None
+    stack = AsyncExitStack()
+    try:
+        entry = generating_entry(manager, params["name"], params.get("version"))
+        text, values, request_id = _generate_request(await read_json(request))
+        if values.get("stream") is True and not stream:
+            raise InvalidParameter("'stream' is true: use the generate_stream route for a stream", "stream")
+        generator = await open_generator(stack, manager, entry)
+        sampling = parse_sampling(values, aliases=V2_ALIASES, defaults=generator.generation_defaults)
+        if sampling.n != 1:
+            raise InvalidParameter("parameter 'n' must be 1 on generate (one text_output)", "n")
+        check_room(sampling, generator.count_tokens(text), generator.max_model_len)
+        job = GenerationRequest(text, sampling, request_id or "")
+        head = {"model_name": entry.name, "model_version": entry.version}
+        if request_id is not None:
+            head["id"] = request_id
+        if stream:
+            events = _stream_events(generator, job, head)
+            return EventStream(events, record(entry, started), stack)
+        try:
+            results = await until_disconnected(generate_all(generator, job), request.receive,
+                                               deadline_of(entry, request))
+        finally:
+            await stack.aclose()
+        record(entry, started)("success")
+        return Response(encode_json({**head, "text_output": results[0].text}), media_type=JSON)
+    except BaseException as exc:
+        await stack.aclose()
+        fail(entry, started, exc)
+        if isinstance(exc, ClientDisconnected):
+            return Response(b"", status_code=499)
+        raise
+
+
+async def _stream_events(generator: TextGenerator, job: GenerationRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:
+    stream = generator.generate(job)
+    try:
+        async for chunk in stream:
+            doc = {**head, "text_output": chunk.text}
+            if chunk.finish_reason is not None:
+                doc["finish_reason"] = chunk.finish_reason
+            if chunk.text or chunk.finish_reason is not None:
+                yield sse(doc)
+    except MMServerError as exc:
+        yield sse({"error": exc.message})
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def routes() -> list[BaseRoute]:
+    model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+    return [
+        Route(model + "/generate", generate, methods=["POST"]),
+        Route(versioned + "/generate", generate, methods=["POST"]),
+        Route(model + "/generate_stream", generate_stream, methods=["POST"]),
+        Route(versioned + "/generate_stream", generate_stream, methods=["POST"]),
+    ]
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+
+
+def openapi_operation(path: str, summary: str, ok: dict[str, Any], errors: tuple[int, ...], error_schema: str,
+                      body: str) -> dict[str, Any]:
+    """One OpenAPI operation taking a JSON body (used by ``api/openapi.py``)."""
+    error = {"description": "Error", "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}}}
+    return {
+        "summary": summary,
+        "parameters": _path_parameters(path),
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{body}"}}}},
+        "responses": {"200": {"description": "OK", **ok}, **{str(s): error for s in errors}},
+    }
+
+
+OPENAPI_SCHEMAS: dict[str, Any] = {
+    "GenerateRequest": {
+        "type": "object",
+        "required": ["text_input"],
+        "properties": {
+            "text_input": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "additionalProperties": True,
+                           "description": "Sampling parameters: " + ", ".join(SAMPLING_KEYS)},
+        },
+        "additionalProperties": True,
+        "description": "Sampling parameters may also be given at the top level.",
+    },
+    "GenerateResponse": {
+        "type": "object",
+        "required": ["model_name", "text_output"],
+        "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                       "id": {"type": "string"}, "text_output": {"type": "string"},
+                       "finish_reason": {"type": "string"}},
+    },
+}
+_GENERATE_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
+_GENERATE_OK = {"content": {JSON: {"schema": {"$ref": "#/components/schemas/GenerateResponse"}}}}
+_STREAM_OK = {"content": {"text/event-stream": {"schema": {
+    "type": "string", "description": "Events 'data: <GenerateResponse>' with the new text of each step."}}}}
+OPENAPI: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", path): openapi_operation(path, summary, ok, _GENERATE_ERRORS, "Error", "GenerateRequest")
+    for path, summary, ok in (
+        ("/v2/models/{name}/generate", "Text generation (Triton's generate extension)", _GENERATE_OK),
+        ("/v2/models/{name}/versions/{version}/generate", "Text generation on one version", _GENERATE_OK),
+        ("/v2/models/{name}/generate_stream", "Streamed text generation (server-sent events)", _STREAM_OK),
+        ("/v2/models/{name}/versions/{version}/generate_stream", "Streamed text generation on one version",
+         _STREAM_OK),
+    )
+}

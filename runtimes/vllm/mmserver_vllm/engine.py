@@ -1,0 +1,653 @@
+"""One vLLM engine per model: start, generation, V2 inference, host tier (sleep mode), crash
+detection, clean shutdown, and vLLM's Prometheus metrics kept per model.
+
+This module imports vllm (and torch) at the top: ``VllmRuntime.load`` imports it on a worker
+thread under ``IMPORT_LOCK``. The engine runs in child processes (vLLM's engine core and its
+worker); they are recorded when the engine starts and are always ended by ``unload``, which the
+manager calls on eviction, on repository changes, when the engine is found dead, and when the
+server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from typing import Any
+
+# Set before vLLM reads them: the engine's processes talk over loopback only, and report nothing.
+for _key, _value in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
+from prometheus_client.metrics_core import Metric  # noqa: E402
+from vllm import SamplingParams as VllmSamplingParams  # noqa: E402
+from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
+from vllm.v1.metrics.loggers import PrometheusStatLogger  # noqa: E402
+
+from mmserver.errors import (  # noqa: E402
+    InferenceError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    Overloaded,
+)
+from mmserver.generation import (  # noqa: E402
+    FINISH_ABORT,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidParameter,
+    SamplingParams,
+    TextGenerator,
+    check_room,
+    generate_all,
+    parse_sampling,
+)
+from mmserver.runtime import HOST, BatchingMode, LoadedModel, Placement, run_sync  # noqa: E402
+from mmserver.spec import ModelSpec  # noqa: E402
+from mmserver.types import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
+
+from .options import Options  # noqa: E402
+
+try:  # the names of vLLM's request errors moved between releases
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: E402
+except ImportError:  # pragma: no cover - older vLLM
+    GracefulHTTPError = VLLMClientError = ValueError  # type: ignore[misc,assignment]
+from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
+
+log = logging.getLogger("mmserver_vllm")
+
+TEXT_INPUTS = ("text_input", "text", "prompt")
+TEXT_OUTPUT = "text_output"
+#: V2 parameter spellings of the transformers runtime, accepted here too
+V2_ALIASES = {"max_new_tokens": "max_tokens"}
+SHUTDOWN_TIMEOUT_S = 10.0
+KILL_WAIT_S = 3.0
+WATCH_INTERVAL_S = 0.5
+HEARTBEAT_S = 10.0
+
+if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    log.warning("VLLM_CPU_KVCACHE_SPACE is set: it silently overrides every model's kv_cache_memory_bytes")
+
+# ----------------------------------------------------------------------------- metrics
+
+_PROMETHEUS_LOCK = threading.Lock()
+#: the models whose engines' metrics are exported (by id: two engines may serve one label
+#: while a version rolls over)
+_LIVE: dict[int, VllmModel] = {}
+
+
+class _CapturedPrometheus(PrometheusStatLogger):
+    """vLLM's Prometheus logger, with its collectors taken out of the global registry.
+
+    vLLM registers its metrics in prometheus_client's global registry and unregisters every
+    ``vllm:`` collector there when the next engine starts. Each engine's collectors are moved
+    out of it as soon as they exist (under a lock, as engines may start in two threads): the
+    logger goes on updating them, and ``collect_metrics`` exports them per model."""
+
+    def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+        with _PROMETHEUS_LOCK:
+            super().__init__(vllm_config, engine_indexes)
+            self.collectors = [c for c in list(REGISTRY._collector_to_names)  # noqa: SLF001
+                               if str(getattr(c, "_name", "")).startswith("vllm:")]
+            for collector in self.collectors:
+                REGISTRY.unregister(collector)
+
+
+def collect_metrics() -> Iterable[Metric]:
+    """Every live engine's vLLM metrics, one family per name, labelled with the model's name
+    and version (vLLM's own ``model_name`` label is the served name, which is the same)."""
+    families: dict[str, Metric] = {}
+    for model in list(_LIVE.values()):
+        for collector in model.collectors:
+            for metric in collector.collect():
+                family = families.get(metric.name)
+                if family is None:
+                    family = families[metric.name] = Metric(metric.name, metric.documentation, metric.type)
+                for sample in metric.samples:
+                    labels = {**sample.labels, "model_name": model.name, "model_version": model.version}
+                    family.samples.append(sample._replace(labels=labels))
+    return list(families.values())
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+async def load_model(spec: ModelSpec, placement: Placement, declared: int | None) -> VllmModel:
+    """Start ``spec``'s engine on ``placement`` (in a thread: it takes tens of seconds)."""
+    options = Options.parse(spec.artifact, placement.device, spec.config.parameters, declared)
+    label = f"{spec.name}:{spec.version}" if spec.version else spec.name
+    args = _engine_args(spec, options)
+    log.info("model %s: starting a vLLM engine on %s (%s, KV cache %d MiB, max_model_len %d, "
+             "max_num_seqs %d%s)", label, placement.device, options.run_dtype, options.kv_cache_bytes >> 20,
+             options.max_model_len, options.max_num_seqs, ", eager" if options.enforce_eager else "")
+    loop = asyncio.get_running_loop()
+    starting = loop.run_in_executor(None, _start_engine, args, placement, label)
+    try:
+        engine, processes = await asyncio.shield(starting)
+    except asyncio.CancelledError:  # a load timeout: the engine must not outlive the abandoned load
+        starting.add_done_callback(_shut_down_late_engine)
+        raise
+    try:
+        tokenizer = await run_sync(_load_tokenizer, spec)
+        model = VllmModel(engine, processes, tokenizer, options, spec, placement)
+    except BaseException:
+        await run_sync(_shutdown, engine, processes, label)
+        raise
+    _LIVE[id(model)] = model
+    return model
+
+
+def _engine_args(spec: ModelSpec, options: Options) -> AsyncEngineArgs:
+    folder = str(spec.artifact)
+    values: dict[str, Any] = {
+        "model": folder,
+        "tokenizer": folder,
+        "served_model_name": spec.name,
+        "dtype": options.dtype,
+        "enforce_eager": options.enforce_eager,
+        "kv_cache_memory_bytes": options.kv_cache_bytes,
+        "max_model_len": options.max_model_len,
+        "max_num_seqs": options.max_num_seqs,
+        "trust_remote_code": options.trust_remote_code,
+        "disable_log_stats": False,  # the Prometheus metrics need the stats
+    }
+    if options.seed is not None:
+        values["seed"] = options.seed
+    if options.is_gpu:
+        values["enable_sleep_mode"] = True
+        # vLLM refuses to start when the device has less free memory than this share of it;
+        # the KV cache is sized by kv_cache_memory_bytes, so ask for no more than the footprint
+        total = _gpu_total(options.device)
+        if total:
+            values["gpu_memory_utilization"] = min(0.9, max(0.02, options.footprint() / total))
+    values.update(options.engine_args)
+    try:
+        return AsyncEngineArgs(**values)
+    except TypeError as exc:
+        raise ModelLoadError(f"vLLM does not take these engine arguments: {exc}") from None
+
+
+def _start_engine(args: AsyncEngineArgs, placement: Placement, label: str) -> tuple[AsyncLLM, list[Any]]:
+    """Create the engine (runs on a worker thread) and record its processes."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            log.info("model %s: vLLM engine still starting after %.0f s", label, time.monotonic() - started)
+
+    threading.Thread(target=heartbeat, name=f"starting {label}", daemon=True).start()
+    try:
+        with _visible_gpu(placement):
+            config = args.create_engine_config()
+            engine = AsyncLLM.from_vllm_config(config, stat_loggers=[_CapturedPrometheus],
+                                               disable_log_stats=False)
+    except Exception as exc:
+        raise ModelLoadError(f"the vLLM engine did not start: {type(exc).__name__}: {exc}") from exc
+    finally:
+        done.set()
+    processes = _engine_processes(engine)
+    log.info("model %s: vLLM engine ready in %.1f s (processes %s)", label, time.monotonic() - started,
+             ", ".join(str(p.pid) for p in processes) or "none")
+    return engine, processes
+
+
+def _shut_down_late_engine(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    engine, processes = future.result()
+    threading.Thread(target=_shutdown, args=(engine, processes, "abandoned load"), daemon=True).start()
+
+
+_GPU_ENV_LOCK = threading.Lock()
+
+
+class _visible_gpu:  # noqa: N801 - a context manager used like a function
+    """Show the engine only its GPU while its processes spawn (they inherit the environment)."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.device = placement.device if placement.is_gpu else None
+        self.saved: str | None = None
+
+    def __enter__(self) -> None:
+        if self.device is None:
+            return
+        _GPU_ENV_LOCK.acquire()
+        self.saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = int(self.device.split(":")[1]) if ":" in self.device else 0
+        visible = [d.strip() for d in self.saved.split(",")] if self.saved else None
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device is None:
+            return
+        if self.saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.saved
+        _GPU_ENV_LOCK.release()
+
+
+def _gpu_total(device: str) -> int | None:
+    """Total memory of a GPU through NVML (never through torch: no CUDA context in the server)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = int(device.split(":")[1]) if ":" in device else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            index = int(visible.split(",")[index])
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
+    except Exception:  # noqa: BLE001 - no NVML: leave vLLM's default
+        return None
+
+
+def _engine_processes(engine: AsyncLLM) -> list[Any]:
+    """The engine's processes: vLLM's engine core processes (multiprocessing objects) and every
+    process below them (its workers), as psutil objects."""
+    resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    cores = list(getattr(manager, "processes", []) or [])
+    found: list[Any] = list(cores)
+    for core in cores:
+        try:
+            found.extend(psutil.Process(core.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return found
+
+
+def _alive(process: Any) -> bool:
+    if isinstance(process, psutil.Process):
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    return process.is_alive()
+
+
+def _shutdown(engine: AsyncLLM, processes: list[Any], label: str) -> None:
+    """Shut the engine down and make sure every one of its processes has ended (runs on a
+    worker thread; the caller must not use the engine any more)."""
+    started = time.monotonic()
+    try:
+        try:
+            engine.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+        except TypeError:  # older vLLM: no timeout argument
+            engine.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the processes are ended below anyway
+        log.warning("model %s: vLLM engine shutdown raised %s: %s", label, type(exc).__name__, exc)
+    deadline = time.monotonic() + KILL_WAIT_S
+    for process in processes:
+        if isinstance(process, psutil.Process):
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except psutil.TimeoutExpired:
+                log.warning("model %s: killing engine process %d", label, process.pid)
+                process.kill()
+                try:
+                    process.wait(KILL_WAIT_S)
+                except psutil.Error:
+                    pass
+            except psutil.Error:
+                pass
+        else:  # a multiprocessing child: join it, so that no zombie remains
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("model %s: killing engine process %d", label, process.pid)
+                process.kill()
+                process.join(KILL_WAIT_S)
+    gc.collect()
+    log.info("model %s: vLLM engine shut down in %.1f s", label, time.monotonic() - started)
+
+
+def _load_tokenizer(spec: ModelSpec) -> Any:
+    """A tokenizer of our own (chat templates, token counts on the event loop), apart from the
+    engine's, which vLLM uses from its own threads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec.artifact), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {spec.artifact}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class VllmModel(LoadedModel, TextGenerator):
+    """A running vLLM engine."""
+
+    batching = BatchingMode.INTERNAL  # continuous batching in the engine; the server caps concurrency
+
+    def __init__(self, engine: AsyncLLM, processes: list[Any], tokenizer: Any, options: Options,
+                 spec: ModelSpec, placement: Placement) -> None:
+        self.engine: AsyncLLM | None = engine
+        self.processes = processes
+        self.tokenizer = tokenizer
+        self.options = options
+        self.name, self.version = spec.name, spec.version
+        self.label = f"{spec.name}:{spec.version}" if spec.version else spec.name
+        self.device = placement.device
+        self.asleep = False
+        self.failure: str | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._use_renderer = True
+        logger_manager = getattr(engine, "logger_manager", None)
+        loggers = getattr(logger_manager, "stat_loggers", []) or []
+        self.collectors = [c for lg in loggers if isinstance(lg, _CapturedPrometheus) for c in lg.collectors]
+        # vLLM may shorten max_model_len to what the KV cache holds
+        config = getattr(engine, "model_config", None)
+        self._max_len = int(getattr(config, "max_model_len", 0) or options.max_model_len)
+        self._memory = self._measure()
+
+    # -------------------------------------------------------------- metadata and memory
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_len
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return {"max_tokens": self.options.max_tokens, "temperature": self.options.temperature}
+
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata(
+            platform="vllm",
+            inputs=[TensorSpec("text_input", "BYTES", (-1,))],
+            outputs=[TensorSpec(TEXT_OUTPUT, "BYTES", (-1,))],
+            parameters={
+                "task": "generation", "device": self.device, "dtype": self.options.run_dtype,
+                "max_model_len": self._max_len, "max_num_seqs": self.options.max_num_seqs,
+                "kv_cache_memory_bytes": self.options.kv_cache_bytes,
+                "generation": "sampling parameters max_tokens (or max_new_tokens), temperature, top_p, "
+                              "top_k, seed, stop, ignore_eos, min_tokens, presence_penalty, "
+                              "frequency_penalty, repetition_penalty",
+            },
+        )
+
+    def memory(self) -> dict[str, int]:
+        return dict(self._memory)
+
+    def _measure(self) -> dict[str, int]:
+        """The engine's footprint on its device; on the CPU at least what its processes take
+        (their proportional share of resident memory)."""
+        if self.engine is None:
+            return {}
+        if self.asleep:
+            return {HOST: self.options.weight_bytes} if self.options.sleep_level == 1 else {}
+        size = self.options.footprint()
+        if not self.options.is_gpu:
+            resident = 0
+            for process in self.processes:
+                try:
+                    resident += psutil.Process(process.pid).memory_full_info().pss
+                except (psutil.Error, AttributeError):
+                    pass
+            size = max(size, resident + self.options.kv_cache_bytes)
+        return {self.device: size}
+
+    # -------------------------------------------------------------- V2 inference
+
+    def validate(self, request: InferRequest) -> None:
+        self._texts(request)
+        params = self._v2_params(request)
+        for text in self._texts(request):
+            check_room(params, self.count_tokens(text), self._max_len)
+
+    def rows(self, request: InferRequest) -> int:
+        return len(self._texts(request))
+
+    def batch_key(self, request: InferRequest) -> Hashable:
+        return id(request)  # never merged: the engine batches by itself
+
+    def _texts(self, request: InferRequest) -> list[str]:
+        for name in request.output_names:
+            if name != TEXT_OUTPUT:
+                raise InvalidInput(f"unknown output '{name}'; this model offers '{TEXT_OUTPUT}'")
+        if len(request.inputs) != 1 or request.inputs[0].name not in TEXT_INPUTS:
+            names = ", ".join(f"'{t.name}'" for t in request.inputs) or "none"
+            raise InvalidInput(f"this model takes one input 'text_input' (BYTES [N] or [N, 1]); got {names}")
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input '{tensor.name}' is {tensor.datatype}; texts must be BYTES")
+        shape = tensor.data.shape
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise InvalidInput(f"input '{tensor.name}' has shape {list(shape)}; expected [N] or [N, 1]")
+        texts = []
+        for i, item in enumerate(tensor.data.reshape(-1)):
+            try:
+                texts.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input '{tensor.name}': text {i} is not valid UTF-8") from None
+        return texts
+
+    def _v2_params(self, request: InferRequest) -> SamplingParams:
+        values = dict(request.parameters)
+        do_sample = values.pop("do_sample", None)
+        if do_sample is not None and type(do_sample) is not bool:
+            raise InvalidInput(f"parameter 'do_sample' is {do_sample!r}; expected true or false")
+        if do_sample is False:  # the transformers runtime's spelling of greedy decoding
+            values["temperature"] = 0.0
+        params = parse_sampling(values, aliases=V2_ALIASES, defaults=self.generation_defaults)
+        if params.n != 1:
+            raise InvalidInput("parameter 'n' must be 1 on V2 inference (one text_output per text_input)")
+        return params
+
+    async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        return [await self._infer_one(request) for request in requests]
+
+    async def _infer_one(self, request: InferRequest) -> InferResponse:
+        texts = self._texts(request)
+        params = self._v2_params(request)
+        results = await asyncio.gather(*(
+            generate_all(self, GenerationRequest(text, params, request.id or "")) for text in texts
+        ))
+        array = np.empty(len(texts), dtype=object)
+        array[:] = [r[0].text.encode("utf-8") for r in results]
+        shape = request.inputs[0].data.shape
+        return InferResponse([InferOutput(TEXT_OUTPUT, array.reshape(shape), "BYTES")])
+
+    # -------------------------------------------------------------- generation
+
+    def count_tokens(self, prompt: str | list[int], add_special_tokens: bool = True) -> int:
+        if isinstance(prompt, list):
+            return len(prompt)
+        return len(self._encode(prompt, add_special_tokens))
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ModelNotReady(f"model {self.label} is unloaded")
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ModelNotReady(f"model {self.label} is unloaded")
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInput(f"model {self.name} has no chat template; use /v1/completions")
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - jinja errors raised by the template itself
+            raise InvalidInput(f"the chat template of model {self.name} rejects these messages: {exc}") from None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        engine = self._awake_engine()
+        params = request.params
+        ids = request.prompt if isinstance(request.prompt, list) else \
+            self._encode(request.prompt, request.add_special_tokens)
+        if isinstance(request.prompt, list):
+            vocab = getattr(self.tokenizer, "vocab_size", None)
+            size = max(len(self.tokenizer), vocab or 0) if self.tokenizer is not None else 0
+            if any(type(t) is not int or not 0 <= t < size for t in ids):
+                raise InvalidInput(f"the prompt's token ids must be integers in [0, {size})")
+        max_tokens = check_room(params, len(ids), self._max_len)
+        if params.n > 1 and params.greedy:
+            raise InvalidParameter("n > 1 needs sampling (temperature above 0): greedy sequences are all alike", "n")
+        sampling = VllmSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            seed=params.seed, stop=list(params.stop) or None, max_tokens=max_tokens,
+            ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:16]}"
+        prompt = await self._engine_input(engine, ids)
+        counts = [0] * params.n
+        finished = False
+        stream = engine.generate(prompt, sampling, request_id)
+        try:
+            async for output in stream:
+                for out in output.outputs:
+                    counts[out.index] += len(out.token_ids)
+                    reason = out.finish_reason
+                    yield GenerationChunk(
+                        out.index, out.text, tuple(out.token_ids), len(ids), counts[out.index],
+                        finish_reason=FINISH_ABORT if reason == "abort" else reason,
+                        stop_reason=out.stop_reason,
+                    )
+                finished = output.finished
+        except EngineDeadError:
+            raise ModelNotReady(f"model {self.label}: {self.failure or 'its vLLM engine is dead'}") from None
+        except GracefulHTTPError as exc:
+            raise Overloaded(f"model {self.label}: {exc}", retry_after=1.0) from None
+        except (VLLMClientError, ValueError) as exc:
+            raise InvalidInput(f"model {self.label} refused the request: {exc}") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if self.failure is not None or engine.errored:
+                raise ModelNotReady(f"model {self.label}: {self.failure or 'its vLLM engine is dead'}") from None
+            raise InferenceError(f"model {self.label} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await stream.aclose()  # on an early exit, vLLM's generator aborts the request
+            if not finished and not engine.errored:
+                try:
+                    await engine.abort(request_id)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def _awake_engine(self) -> AsyncLLM:
+        engine = self.engine
+        if engine is None:
+            raise ModelNotReady(f"model {self.label} is unloaded")
+        if self.failure is not None:
+            raise ModelNotReady(f"model {self.label}: {self.failure}")
+        if self.asleep:
+            raise ModelNotReady(f"model {self.label} is asleep in host memory; it wakes on the next request")
+        return engine
+
+    async def _engine_input(self, engine: AsyncLLM, ids: list[int]) -> Any:
+        """The prompt as the engine takes it: rendered by vLLM's renderer where it has one
+        (raw prompts are deprecated there), else a token prompt."""
+        renderer = getattr(engine, "renderer", None) if self._use_renderer else None
+        render = getattr(renderer, "render_cmpl_async", None)
+        if render is not None:
+            try:
+                (rendered,) = await render([{"prompt_token_ids": ids}])
+                return rendered
+            except (AttributeError, TypeError) as exc:
+                log.info("model %s: vLLM's renderer is not usable here (%s); sending token prompts",
+                         self.label, exc)
+                self._use_renderer = False
+        return {"prompt_token_ids": ids}
+
+    async def _warm_up(self) -> None:
+        """One one-token generation, so that the first real request is not slow."""
+        prompt = [self.tokenizer.bos_token_id or 0] if self.tokenizer is not None else [0]
+        warm = GenerationRequest(prompt, SamplingParams(max_tokens=1, temperature=0.0), "warm-up")
+        await generate_all(self, warm)
+
+    # -------------------------------------------------------------- failures
+
+    def watch(self, on_failure: Callable[[str], None]) -> None:
+        if self._watchdog is None and self.engine is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(on_failure), name=f"watch {self.label}")
+
+    async def _watch(self, on_failure: Callable[[str], None]) -> None:
+        while self.engine is not None:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            reason = self._dead_reason()
+            if reason is not None and self.engine is not None:
+                self.failure = reason
+                on_failure(reason)
+                return
+
+    def _dead_reason(self) -> str | None:
+        for process in self.processes:
+            if not _alive(process):
+                code = getattr(process, "exitcode", None)
+                if code is None and isinstance(process, psutil.Process):
+                    kind = "worker"
+                else:
+                    kind = "engine core"
+                how = f" with code {code}" if code is not None else ""
+                return f"its vLLM {kind} process (pid {process.pid}) exited{how}"
+        engine = self.engine
+        if engine is not None and engine.errored:
+            return f"its vLLM engine stopped: {engine.dead_error}"
+        return None
+
+    # -------------------------------------------------------------- host tier (CUDA sleep mode)
+
+    @property
+    def can_offload(self) -> bool:
+        return self.options.is_gpu and self.engine is not None and not self.asleep and self.failure is None
+
+    async def offload(self) -> None:
+        engine = self._awake_engine()
+        if not self.options.is_gpu:
+            raise TypeError(f"model {self.label} runs on the CPU: vLLM has no sleep mode there")
+        started = time.perf_counter()
+        await engine.sleep(level=self.options.sleep_level)
+        self.asleep = True
+        self._memory = self._measure()
+        log.info("model %s: vLLM engine asleep (level %d) in %.3f s", self.label, self.options.sleep_level,
+                 time.perf_counter() - started)
+
+    async def restore(self, placement: Placement) -> None:
+        engine = self.engine
+        if engine is None:
+            raise ModelNotReady(f"model {self.label} is unloaded")
+        if placement.device != self.device:
+            raise ModelNotReady(f"model {self.label}'s engine lives on {self.device}; it cannot wake on "
+                                f"{placement.device}")
+        if not self.asleep:
+            return
+        started = time.perf_counter()
+        await engine.wake_up()
+        if self.options.sleep_level == 2:
+            log.warning("model %s: woke from sleep level 2: its weights must be reloaded", self.label)
+        self.asleep = False
+        woke = time.perf_counter()
+        await self._warm_up()
+        self._memory = self._measure()
+        log.info("model %s: vLLM engine awake in %.3f s, warm-up %.3f s", self.label, woke - started,
+                 time.perf_counter() - woke)
+
+    # -------------------------------------------------------------- unloading
+
+    async def unload(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        self.engine = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        _LIVE.pop(id(self), None)
+        await run_sync(_shutdown, engine, self.processes, self.label)
+        self.tokenizer = None
+        self._memory = {}

