@@ -32,6 +32,7 @@ def main() -> None:
 
     x, y = load_breast_cancer(return_X_y=True)
     booster = xgb.XGBClassifier(n_estimators=50, max_depth=4, random_state=0).fit(x, y)
+    (REPO / "breast-cancer").mkdir(exist_ok=True)  # holds only the generated file: not in git
     booster.save_model(REPO / "breast-cancer" / "model.json")
     print(f"example models written under {REPO}")
 
