@@ -77,6 +77,10 @@ class Repository:
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
+            if not folder.resolve().is_relative_to(self.root):
+                # refused outright: a link out of the repository is not a model (404, not 503)
+                log.error("model folder %s/ points outside the model repository: ignored", folder.name)
+                continue
             model = self._read_folder(folder)
             if model.name in models:
                 # keyed by the folder (a name no model can have) so the first model keeps serving

@@ -164,10 +164,34 @@ def find_model_file(spec: ModelSpec, suffixes: tuple[str, ...]) -> Path:
     return candidates[0]
 
 
-IMPORT_LOCK = threading.Lock()
-"""Held by runtimes while they import their framework or unpickle a model (which imports the
-modules it names). Python's per-module import locks deadlock or expose half-initialised
-modules when two threads first import scikit-learn at the same time."""
+IMPORT_LOCK_WAIT_S = 60.0
+
+
+class _ImportLock:
+    """Held by runtimes while they import their framework or unpickle a model (which imports the
+    modules it names). Python's per-module import locks deadlock or expose half-initialised
+    modules when two threads first import scikit-learn at the same time.
+
+    A load that hangs while holding it (an unpickle that never returns) must not stall every
+    other load: after ``IMPORT_LOCK_WAIT_S`` a waiter goes on without it and says so.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = threading.local()
+
+    def __enter__(self) -> None:
+        self._held.value = self._lock.acquire(timeout=IMPORT_LOCK_WAIT_S)
+        if not self._held.value:
+            log.warning("another model's load has held the import lock for %.0f s (hung?); "
+                        "loading without it", IMPORT_LOCK_WAIT_S)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held.value:
+            self._lock.release()
+
+
+IMPORT_LOCK = _ImportLock()
 
 
 async def run_sync(func: Callable[..., T], *args: Any) -> T:

@@ -265,10 +265,6 @@ def test_a_load_that_hangs_is_cut_at_the_load_timeout(load_server):
     check_others(url, load_server.expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a hung unpickle holds mmserver.runtime.IMPORT_LOCK (the sklearn runtime's _load unpickles "
-    "under it) after its load timed out, so every other sklearn load waits for it and times out "
-    "too; the lock and the loading threads are runtime/manager matters, not a local fix"))
 def test_other_models_load_while_a_hung_load_runs_on(load_server):
     url = load_server.url
     assert httpx.post(f"{url}/v2/repository/models/spare/unload").status_code == 200

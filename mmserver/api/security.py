@@ -20,7 +20,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, token: str, protect_metrics: bool) -> None:
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self.protect_metrics = protect_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,5 +43,7 @@ class BearerAuth:
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope["headers"]:
             if key == b"authorization":
-                return hmac.compare_digest(value, self._expected)
+                scheme, _, credentials = value.partition(b" ")
+                # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._expected)
         return False

@@ -6,6 +6,7 @@ scikit-learn and joblib are imported only when a model loads.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,30 @@ class SKLearnRuntime(Runtime):
         return await run_sync(_load, path)
 
 
-def _load(path: Path) -> SKLearnModel:
-    with IMPORT_LOCK:
-        import joblib
+# scikit-learn's packages that pickled estimators usually name: imported once, one thread at a
+# time (concurrent first imports of scikit-learn deadlock), so that unpickling itself, which may
+# take long for a large model or hang for a broken one, runs without holding the import lock.
+_PACKAGES = ("joblib", "sklearn.base", "sklearn.pipeline", "sklearn.compose", "sklearn.preprocessing",
+             "sklearn.linear_model", "sklearn.ensemble", "sklearn.tree", "sklearn.svm",
+             "sklearn.neighbors", "sklearn.naive_bayes", "sklearn.impute", "sklearn.feature_extraction")
+_imported = False
 
-        estimator = joblib.load(path)
+
+def _import_sklearn() -> None:
+    global _imported
+    if _imported:
+        return
+    with IMPORT_LOCK:
+        for package in _PACKAGES:
+            importlib.import_module(package)
+        _imported = True
+
+
+def _load(path: Path) -> SKLearnModel:
+    _import_sklearn()
+    import joblib
+
+    estimator = joblib.load(path)
     if not hasattr(estimator, "predict"):
         raise ModelLoadError(f"{path.name} holds a {type(estimator).__name__}, which has no predict()")
     return SKLearnModel(estimator, path.stat().st_size)
