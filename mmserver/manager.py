@@ -502,13 +502,23 @@ class ModelManager:
 
     def _on_failure(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
         """A loaded model broke for good (its engine process died): unload it (which cleans up
-        what is left of it) and report it unavailable with the reason, until loaded again."""
+        what is left of it) and report it unavailable with the reason; like an evicted model, it
+        loads again on its next request."""
         if entry.model is not model or entry.state is not ModelState.READY:
             return
         log.error("model %s failed: %s", entry.key, reason)
-        asyncio.get_running_loop().create_task(
-            self._unload(entry, f"failed: {reason}; load it again through the repository API"),
-            name=f"unload failed {entry.key}")
+        asyncio.get_running_loop().create_task(self._unload_failed(entry, model, reason),
+                                               name=f"unload failed {entry.key}")
+
+    async def _unload_failed(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
+        # Under the residency lock: a request that comes meanwhile starts its reload only once
+        # the broken model is gone and its memory released.
+        async with self.residency.lock:
+            if entry.model is not model:
+                return
+            await self._unload(entry, f"failed: {reason}")
+            entry.evicted = True
+            entry.reason = f"failed: {reason}; restarts on its next request"
 
     async def _sweep_idle(self) -> None:
         """Evict models that have been idle longer than their ``idle_unload_s``."""

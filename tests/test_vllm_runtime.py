@@ -466,8 +466,8 @@ def _state(server: RunningServer, name: str) -> dict[str, Any]:
 def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path: Path) -> None:
     """Two lazy vLLM models that cannot both fit the host budget take turns: each request to the
     other one shuts the first engine down (no process left) and starts its own; the reloaded
-    model answers as before. A killed engine is reported with the reason and leaves no process;
-    SIGTERM ends every engine process."""
+    model answers as before. A killed engine is reported with the reason, leaves no process and
+    restarts on the next request; SIGTERM ends every engine process."""
     import psutil
 
     repo = tmp_path / "repo"
@@ -514,8 +514,10 @@ def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path:
         assert "exited" in row["reason"] and str(core) in row["reason"], row
         _wait_gone(a_pids)
 
-        post(server, "/v1/completions", {"model": "llm-b", **body})  # one engine up for SIGTERM
-        seen |= set(_engine_processes(server))
+        restarted = post(server, "/v1/completions", {"model": "llm-a", **body})  # its next request restarts it
+        assert restarted.status_code == 200, restarted.text
+        assert restarted.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        seen |= set(_engine_processes(server))  # one engine up for SIGTERM
     _wait_gone(seen, timeout=5)  # no orphan once the server has stopped
 
 
