@@ -41,12 +41,6 @@ def test_a_short_soak_loses_nothing(tmp_path):
     assert result.statuses.get("400", 0) > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ModelManager._load calls gc.freeze() after every load without collecting first, so the "
-    "cyclic garbage pending at that moment (from requests in flight) moves to the permanent "
-    "generation and is never freed: the 10-minute soak, with a load every ~0.6 s under traffic, "
-    "grew RSS from 193 to 264 MiB (+37%); with gc.collect() before the freeze it stays flat. The "
-    "fix is in manager.py"))
 async def test_loading_a_model_does_not_keep_pending_garbage_for_good(tmp_path):
     from mmserver_sklearn import SKLearnRuntime
 
