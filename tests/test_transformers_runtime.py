@@ -31,20 +31,18 @@ from mmserver.runtime import Placement, RuntimeRegistry  # noqa: E402
 from mmserver.spec import ModelConfig, ModelSpec  # noqa: E402
 from mmserver.types import InferInput, InferRequest, RequestedOutput  # noqa: E402
 from mmserver_transformers import TransformersRuntime  # noqa: E402
-from mmserver_transformers.estimate import (  # noqa: E402
-    ALLOWANCE_FIXED,
-    activation_allowance,
+from mmserver.checkpoint import (  # noqa: E402
     checkpoint_bytes,
-    estimate_memory,
     header_tensors,
+    read_config,
     safetensors_header,
     weight_bytes,
 )
+from mmserver_transformers.estimate import ALLOWANCE_FIXED, activation_allowance, estimate_memory  # noqa: E402
 from mmserver_transformers.options import (  # noqa: E402
     GenerationParams,
     Options,
     dtype_for,
-    read_config,
     task_of,
 )
 

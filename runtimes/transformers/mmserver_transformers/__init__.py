@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmserver.checkpoint import CONFIG_FILE, TORCH_BIN, read_config
 from mmserver.errors import ModelLoadError
 from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, run_sync
 from mmserver.spec import ModelSpec
 
-from .estimate import TORCH_BIN, estimate_memory
-from .options import CONFIG_FILE, GENERATION, read_config, task_of
+from .estimate import estimate_memory
+from .options import GENERATION, task_of
 
 __all__ = ["TransformersRuntime", "estimate_memory"]
 

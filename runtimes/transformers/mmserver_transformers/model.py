@@ -34,11 +34,11 @@ from transformers import (
 
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from mmserver.generation import GenerationChunk, GenerationRequest, TextGenerator
+from mmserver.checkpoint import read_config, weight_files
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
-from .estimate import weight_files
 from .options import (
     CLASSIFICATION,
     EMBEDDING,
@@ -47,7 +47,6 @@ from .options import (
     Options,
     dtype_for,
     max_positions,
-    read_config,
 )
 
 log = logging.getLogger("mmserver_transformers")

@@ -7,7 +7,6 @@ validation stay cheap and can be unit tested on their own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -15,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmserver.checkpoint import config_dtype, max_positions
 from mmserver.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger("mmserver_transformers")
 
-CONFIG_FILE = "config.json"
 CLASSIFICATION, EMBEDDING, GENERATION = "classification", "embedding", "generation"
 TASKS = (CLASSIFICATION, EMBEDDING, GENERATION)
 #: Hugging Face pipeline names (as MLServer's huggingface runtime takes them) for our tasks
@@ -46,20 +45,6 @@ _MLSERVER_KEYS = frozenset({"pretrained_model", "pretrained_tokenizer", "framewo
                             "task_suffix", "model_kwargs"})
 #: the request parameters that steer generation
 GENERATION_PARAMETERS = ("max_new_tokens", "temperature", "top_p", "do_sample", "seed")
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The model's ``config.json`` as a dict; raises ``ModelLoadError`` when unreadable."""
-    path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"no {CONFIG_FILE} in {folder}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return config
 
 
 def task_of(config: dict[str, Any], parameters: dict[str, Any]) -> str:
@@ -89,12 +74,6 @@ def task_of(config: dict[str, Any], parameters: dict[str, Any]) -> str:
     )
 
 
-def config_dtype(config: dict[str, Any]) -> str | None:
-    """The dtype the checkpoint declares (``dtype``, or ``torch_dtype`` before transformers 5)."""
-    value = config.get("dtype") or config.get("torch_dtype")
-    return value if value in DTYPES else None
-
-
 def dtype_for(device: str, parameters: dict[str, Any], config: dict[str, Any]) -> str:
     """The dtype the model runs in on ``device``.
 
@@ -111,15 +90,6 @@ def dtype_for(device: str, parameters: dict[str, Any], config: dict[str, Any]) -
     if not device.startswith("cuda"):
         return "float32"
     return "bfloat16" if config_dtype(config) == "bfloat16" else "float16"
-
-
-def max_positions(config: dict[str, Any]) -> int | None:
-    """The longest sequence the model's position scheme allows, when the config says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,21 +11,18 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-import json
 import logging
-import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from mmserver.checkpoint import CONFIG_FILE, checkpoint_bytes, kv_bytes_per_token, max_positions, read_config
 from mmserver.errors import ModelLoadError
 
 log = logging.getLogger("mmserver_vllm")
 
-CONFIG_FILE = "config.json"
 MiB = 1024**2
 GiB = 1024**3
 
@@ -52,13 +49,6 @@ KNOWN_PARAMETERS = frozenset({
     "temperature", "seed", "sleep_level", "trust_remote_code", "engine_args",
 })
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-ELEMENT_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-FLOAT_KINDS = frozenset({"F64", "F32", "F16", "BF16"})
-MAX_HEADER_BYTES = 100 * MiB
 
 #: used when the installed vLLM's registry cannot be read (common decoder-only families)
 FALLBACK_ARCHITECTURES = frozenset({
@@ -102,19 +92,6 @@ def supported_architectures() -> frozenset[str]:
     except (OSError, SyntaxError, ImportError, ValueError) as exc:
         log.warning("cannot read the installed vLLM's model registry (%s); assuming common architectures", exc)
     return FALLBACK_ARCHITECTURES
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"no {CONFIG_FILE} in {folder}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return config
 
 
 def architectures(config: dict[str, Any]) -> list[str]:
@@ -250,77 +227,4 @@ def _auto_dtype(config: dict[str, Any]) -> str:
     return declared if declared in ("float16", "bfloat16") else "bfloat16"
 
 
-def max_positions(config: dict[str, Any]) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _first_int(config: dict[str, Any], *keys: str) -> int | None:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def kv_bytes_per_token(config: dict[str, Any], run_dtype: str) -> int:
-    """KV cache bytes one token takes in every layer (0 when the config does not say)."""
-    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-    hidden = _first_int(config, "hidden_size", "d_model", "n_embd") or 0
-    layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers") or 0
-    heads = _first_int(config, "num_attention_heads", "n_head") or 0
-    if not (hidden and layers and heads):
-        return 0
-    kv_heads = _first_int(config, "num_key_value_heads") or heads
-    head_dim = _first_int(config, "head_dim") or hidden // heads
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[run_dtype]
-
-
 # ----------------------------------------------------------------------------- weights
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ModelLoadError(f"{path.name} is too short to be a safetensors file")
-            (length,) = struct.unpack("<Q", head)
-            if length > MAX_HEADER_BYTES:
-                raise ModelLoadError(f"{path.name}: safetensors header claims {length} bytes")
-            header = json.loads(f.read(length))
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(f"{path.name} has no valid safetensors header") from None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{path.name} has no valid safetensors header")
-    return header
-
-
-def checkpoint_bytes(folder: Path, config: dict[str, Any], run_dtype: str) -> int:
-    """Bytes of the weights once loaded in ``run_dtype`` (floating tensors converted), from the
-    safetensors headers; ``pytorch_model*.bin`` checkpoints from their file size."""
-    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    target = DTYPE_BYTES[run_dtype]
-    if files:
-        total = 0
-        for path in files:
-            for name, entry in safetensors_header(path).items():
-                if name == "__metadata__":
-                    continue
-                if not isinstance(entry, dict) or entry.get("dtype") not in ELEMENT_BYTES \
-                        or not isinstance(entry.get("shape"), list):
-                    raise ModelLoadError(f"{path.name}: entry {name!r} is not a tensor description")
-                kind = entry["dtype"]
-                size = target if kind in FLOAT_KINDS else ELEMENT_BYTES[kind]
-                total += math.prod(int(d) for d in entry["shape"]) * size
-        return total
-    bins = sorted(p for p in folder.glob("pytorch_model*.bin") if p.is_file())
-    if not bins:
-        raise ModelLoadError(f"no *.safetensors or pytorch_model.bin in {folder}")
-    stored = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
-    return sum(p.stat().st_size for p in bins) * target // stored
