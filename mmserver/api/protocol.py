@@ -60,17 +60,29 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse (bad framing, invalid characters), as
+        the JSON error body every other bad request gets."""
+        self._answer_and_close(b"400 Bad Request", f"malformed HTTP request: {msg}")
+
+    def _answer_and_close(self, status: bytes, message: str) -> None:
+        body = encode_json({"error": message})
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.transport.close()
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
             return
         if self._head_started:
-            body = encode_json({"error": f"the request head did not arrive within {self.head_timeout_s:g} s"})
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            self._answer_and_close(
+                b"408 Request Timeout", f"the request head did not arrive within {self.head_timeout_s:g} s"
             )
-        self.transport.close()
+        else:
+            self.transport.close()
 
 
 def http_protocol(head_timeout_s: float) -> type[HeadDeadlineProtocol]:
