@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -374,7 +375,7 @@ async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: 
 # ----------------------------------------------------------------------------- response formats
 
 
-class _Format:
+class _Format(ABC):
     object_whole = object_chunk = ""
     prefix = ""
 
@@ -398,11 +399,13 @@ class _Format:
                 choices.append(self.choice(p, p * self.n + seq.index, seq))
         return {**self.head(whole=True), "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
+    @abstractmethod
     def choice(self, prompt: int, index: int, seq: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        """One choice of a whole (non-streamed) answer."""
 
+    @abstractmethod
     def chunk(self, index: int, chunk: GenerationChunk) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The stream events for one generated chunk."""
 
 
 def _finish(reason: str | None) -> str | None:
