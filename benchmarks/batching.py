@@ -8,7 +8,8 @@ on: max_batch_size 64; batching off: max_batch_size 1), serves it with mmserver 
 
 - a table model x concurrency x batching (req/s, p50, p99);
 - rows/s at concurrency 64 with batching on, against the same model called in-process with
-  batch 64 (target: at least half);
+  batch 64 (target: at least half of the framework's own call; mmserver's runtime computing the
+  same batch in-process is printed beside it);
 - the lone client (concurrency 1): p50 with batching on vs off (target: within max_delay + 10%),
   median of alternating runs;
 - metrics cost: the batched models at concurrency 64 with metrics on vs --no-metrics, servers
@@ -72,29 +73,42 @@ def build_repo(root: Path) -> dict[str, tuple[object, int]]:
     return models
 
 
-def in_process_rows_per_s(models: dict, root: Path, seconds: float = 2.0) -> dict[str, float]:
-    """Rows/s of each model's own prediction (what the server computes) at batch 64."""
+def in_process_rows_per_s(models: dict, root: Path, seconds: float = 2.0) -> dict[str, dict[str, float]]:
+    """Rows/s at batch 64 of each model called in-process two ways: ``own``, the framework's own
+    call a user would make (the target's baseline), and ``runtime``, mmserver's runtime computing
+    every output of the same batch without the server around it."""
     import numpy as np
     import xgboost as xgb
+    from mmserver_sklearn import SKLearnModel
+    from mmserver_xgboost import _load as load_xgboost
 
     x20 = np.load(root.parent / "x20.npy")
-    rates = {}
+    rates: dict[str, dict[str, float]] = {}
     for name, (model, width) in models.items():
         batch = x20[:, :width] if width == 20 else np.tile([[5.1, 3.5, 1.4, 0.2]], (BATCH, 1))
         if isinstance(model, xgb.XGBClassifier):
             booster = model.get_booster()
-            call = lambda: booster.inplace_predict(batch)  # noqa: E731
-        elif name.startswith("rf"):
-            call = lambda: model.predict_proba(batch)  # noqa: E731 - predict is derived from it
+            own = lambda: booster.inplace_predict(batch)  # noqa: E731
+            loaded = load_xgboost(root / f"{name}-on" / "1" / "model.json", threads=1)
         else:
-            call = lambda: (model.predict(batch), model.predict_proba(batch))  # noqa: E731
-        call()
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            call()
-            count += 1
-        rates[name] = count * BATCH / (time.perf_counter() - started)
+            # a forest's predict is the argmax of predict_proba: one call gives both
+            own = ((lambda: model.predict_proba(batch)) if name.startswith("rf")  # noqa: E731
+                   else (lambda: (model.predict(batch), model.predict_proba(batch))))
+            loaded = SKLearnModel(model, host_bytes=0)
+        outputs = [spec.name for spec in loaded.metadata().outputs]
+        rates[name] = {"own": _rate(own, seconds),
+                       "runtime": _rate(lambda: loaded.predict(batch, outputs), seconds)}  # noqa: B023
     return rates
+
+
+def _rate(call, seconds: float) -> float:
+    """Rows/s of ``call`` (one batch of BATCH rows per call) over ``seconds``."""
+    call()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call()
+        count += 1
+    return count * BATCH / (time.perf_counter() - started)
 
 
 def serve(root: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -179,13 +193,15 @@ def main() -> int:
     for name in models:
         if 64 in concurrencies:
             served = results[(name, "on", 64)]["rows_per_s"]
-            ratio = served / baseline[name]
+            own, runtime = baseline[name]["own"], baseline[name]["runtime"]
+            ratio = served / own
             targeted = name != "iris-lr"  # the target names the forest and XGBoost models
             ok = ratio >= 0.5
             missed += targeted and not ok
             verdict = ("PASS" if ok else "MISS") if targeted else "INFO"
-            print(f"{verdict} {name}: c=64 batched {served:.0f} rows/s = {ratio:.2f}x of "
-                  f"in-process batch-64 {baseline[name]:.0f} rows/s (target 0.5x)")
+            print(f"{verdict} {name}: c=64 batched {served:.0f} rows/s = {ratio:.2f}x of the model's own "
+                  f"in-process batch-64 call {own:.0f} rows/s (target 0.5x); {served / runtime:.2f}x of "
+                  f"mmserver's runtime in-process at batch 64 ({runtime:.0f} rows/s)")
         on, off = median(lone[(name, "on")]), median(lone[(name, "off")])
         ok = on <= off * 1.10
         missed += not ok

@@ -20,6 +20,8 @@ from mmserver.spec import ModelSpec
 from mmserver.tabular import TabularModel
 from mmserver.types import TensorSpec
 
+from .forest import forest_predictor
+
 SUFFIXES = (".joblib", ".pkl", ".pickle")
 # Estimators whose own predict() is defined as classes_[argmax(predict_proba)]: when both
 # outputs are asked for, one predict_proba call yields both.
@@ -91,6 +93,8 @@ class SKLearnModel(TabularModel):
             and final is estimator
             and getattr(final, "n_outputs_", 1) == 1
         )
+        # predict_proba of a forest classifier, predict of a forest regressor, or None
+        self._forest = forest_predictor(estimator)
         names = getattr(estimator, "feature_names_in_", None)
         super().__init__(
             platform="sklearn",
@@ -106,8 +110,10 @@ class SKLearnModel(TabularModel):
 
     def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
+        if self._forest is not None and self.classes is None:
+            return {"predict": self._forest(matrix)} if "predict" in outputs else {}
         if "predict_proba" in outputs or ("predict" in outputs and self._argmax_of_proba):
-            proba = self.estimator.predict_proba(matrix)
+            proba = self._forest(matrix) if self._forest is not None else self.estimator.predict_proba(matrix)
             if "predict_proba" in outputs:
                 result["predict_proba"] = proba
             if "predict" in outputs and self._argmax_of_proba:
@@ -120,6 +126,7 @@ class SKLearnModel(TabularModel):
 
     async def unload(self) -> None:
         self.estimator = None
+        self._forest = None
         await super().unload()
 
 

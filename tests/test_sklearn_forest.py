@@ -1,0 +1,101 @@
+"""The scikit-learn runtime's fast path for tree ensembles answers exactly what the estimator does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    ExtraTreesRegressor,
+    GradientBoostingClassifier,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from mmserver_sklearn import SKLearnModel
+from mmserver_sklearn.forest import forest_predictor
+
+
+def _data(n_features: int = 12, rows: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, n_features))
+    return x, x[:, 0] + 0.5 * x[:, 1] ** 2 - x[:, 2] + rng.normal(scale=0.3, size=rows)
+
+
+def _classes(target: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return labels[np.digitize(target, np.quantile(target, np.linspace(0, 1, len(labels) + 1)[1:-1]))]
+
+
+FORESTS = {
+    "rf-binary": lambda x, t: RandomForestClassifier(n_estimators=40, random_state=0).fit(x, t > 0),
+    "rf-4-classes": lambda x, t: RandomForestClassifier(n_estimators=30, random_state=1).fit(
+        x, _classes(t, np.array([3, 5, 7, 11]))),
+    "et-string-labels": lambda x, t: ExtraTreesClassifier(n_estimators=25, random_state=2).fit(
+        x, _classes(t, np.array(["low", "mid", "high"]))),
+    "rf-regressor": lambda x, t: RandomForestRegressor(n_estimators=30, random_state=3).fit(x, t),
+    "et-regressor": lambda x, t: ExtraTreesRegressor(n_estimators=20, max_depth=6, random_state=4).fit(x, t),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FORESTS))
+def forest(request):
+    x, target = _data()
+    return FORESTS[request.param](x, target)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_fast_path_is_bit_identical_to_the_estimator(forest, rows):
+    predictor = forest_predictor(forest)
+    assert predictor is not None
+    x, _ = _data(seed=rows)
+    matrix = x[:rows].astype(np.float32)
+    own = forest.predict_proba(matrix) if hasattr(forest, "classes_") else forest.predict(matrix)
+    np.testing.assert_array_equal(predictor(matrix), own)
+
+
+def test_the_runtime_answers_both_outputs_as_the_estimator_does(forest):
+    model = SKLearnModel(forest, host_bytes=0)
+    assert model._forest is not None
+    x, _ = _data(seed=9)
+    matrix = x[:50].astype(np.float32)
+    names = [spec.name for spec in model.metadata().outputs]
+    result = model.predict(matrix, names)
+    np.testing.assert_array_equal(result["predict"], forest.predict(matrix))
+    if "predict_proba" in names:
+        np.testing.assert_array_equal(result["predict_proba"], forest.predict_proba(matrix))
+
+
+def test_missing_values_follow_the_trees_own_rules():
+    x, target = _data()
+    x[::7, 3] = np.nan
+    forest = RandomForestClassifier(n_estimators=20, random_state=0).fit(x, target > 0)
+    predictor = forest_predictor(forest)
+    assert predictor is not None
+    probe = _data(seed=5)[0][:40].astype(np.float32)
+    probe[::3, 3] = np.nan
+    np.testing.assert_array_equal(predictor(probe), forest.predict_proba(probe))
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda x, t: RandomForestClassifier(n_estimators=5, n_jobs=2).fit(x, t > 0), id="parallel"),
+    pytest.param(lambda x, t: RandomForestRegressor(n_estimators=5).fit(x, np.column_stack([t, -t])),
+                 id="two-outputs"),
+    pytest.param(lambda x, t: make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=5)).fit(x, t > 0),
+                 id="pipeline"),
+    pytest.param(lambda x, t: GradientBoostingClassifier(n_estimators=5).fit(x, t > 0), id="boosting"),
+])
+def test_estimators_outside_its_scope_keep_their_own_methods(build):
+    x, target = _data(rows=200)
+    assert forest_predictor(build(x, target)) is None
+
+
+def test_a_forest_whose_own_answer_differs_keeps_its_own_methods():
+    x, target = _data(rows=200)
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, target > 0)
+    # Stands in for a scikit-learn release whose trees store values the fast path does not
+    # reproduce: the estimator's own answer is shifted, so the load-time probe must disagree.
+    own = forest.predict_proba
+    forest.predict_proba = lambda matrix: own(matrix) * 0.5
+    assert forest_predictor(forest) is None
