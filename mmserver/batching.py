@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # a lone client (k = 1) never waits.
 ADAPTIVE_FILL_SHARE = 0.2
 ADAPTIVE_FILL_MAX_S = 0.005
+#: how often a request running alone in an engine checks whether its client is still there
+GONE_POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ class Batcher:
             model_deadline = time.monotonic() + self.policy.timeout_s
             deadline = model_deadline if deadline is None else min(deadline, model_deadline)
         if self._direct is not None:
-            return await self._submit_direct(request, deadline)
+            return await self._submit_direct(request, deadline, is_gone)
         if len(self._queue) >= self.policy.max_queue:
             self._purge()  # requests that expired or whose client left free their places
         if len(self._queue) >= self.policy.max_queue:
@@ -148,7 +150,9 @@ class Batcher:
             return await future
         return await _before(future, deadline, self.label)
 
-    async def _submit_direct(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _submit_direct(
+        self, request: InferRequest, deadline: float | None, is_gone: Callable[[], bool] | None
+    ) -> InferResponse:
         assert self._direct is not None
         if self._direct.locked():
             raise Overloaded(f"model {self.label} is at its concurrency cap", retry_after=1.0)
@@ -156,8 +160,7 @@ class Batcher:
             self._running += 1
             self._idle.clear()
             try:
-                work = asyncio.ensure_future(self.model.infer([request]))
-                responses = await (work if deadline is None else _before(work, deadline, self.label))
+                responses = await _own_call(self.model.infer([request]), deadline, is_gone, self.label)
                 return _one_for_one([request], responses)[0]
             finally:
                 self._running -= 1
@@ -329,6 +332,32 @@ async def _before(waitable: asyncio.Future[InferResponse], deadline: float, labe
         if not waitable.done():
             waitable.add_done_callback(_consume_result)
         raise InferenceTimeout(f"model {label} did not answer before the request's deadline") from None
+
+
+async def _own_call(
+    call: Awaitable[list[InferResponse]], deadline: float | None, is_gone: Callable[[], bool] | None, label: str
+) -> list[InferResponse]:
+    """Run a call that serves one request alone (a model that batches internally). Unlike a shared
+    batch it is cancelled, which aborts it in the engine, once the request's deadline passes or its
+    client has gone (polled every ``GONE_POLL_S``: ASGI reports a disconnect to no one waiting)."""
+    work = asyncio.ensure_future(call)
+    try:
+        while True:
+            wait = GONE_POLL_S if is_gone is not None else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise InferenceTimeout(f"model {label} did not answer before the request's deadline")
+                wait = left if wait is None else min(wait, left)
+            done, _ = await asyncio.wait({work}, timeout=wait)
+            if done:
+                return work.result()
+            if is_gone is not None and is_gone():
+                raise ClientDisconnected("the client disconnected; its request was aborted")
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
 
 
 def _consume_result(future: asyncio.Future[InferResponse]) -> None:

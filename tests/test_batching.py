@@ -14,7 +14,7 @@ import pytest
 
 from mmserver.batching import Batcher, BatchPolicy
 from mmserver.codec import concat_rows, split_rows
-from mmserver.errors import InferenceError, InferenceTimeout, ModelNotReady, Overloaded
+from mmserver.errors import ClientDisconnected, InferenceError, InferenceTimeout, ModelNotReady, Overloaded
 from mmserver.runtime import BatchingMode, LoadedModel
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata
 
@@ -200,6 +200,44 @@ async def test_internal_batching_bypasses_the_queue_with_a_concurrency_cap():
     model.gate.set()
     assert [values(r) for r in await asyncio.gather(*running)] == [[0.0], [10.0]]
     assert model.calls == [["r0"], ["r1"]]
+
+
+async def _cancelled_when(batcher: Batcher, model: RowEcho, **submit) -> BaseException:
+    """Submit one request to a model that never answers; the error the caller gets, after
+    checking that the model's call was cancelled (which is what aborts it in an engine)."""
+    model.gate = asyncio.Event()
+    cancelled = asyncio.Event()
+    infer = model.infer
+
+    async def recording_infer(requests):
+        try:
+            return await infer(requests)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    model.infer = recording_infer
+    started = time.monotonic()
+    with pytest.raises((ClientDisconnected, InferenceTimeout)) as caught:
+        await batcher.submit(request("r", [1.0]), **submit)
+    assert time.monotonic() - started < 1.0
+    assert cancelled.is_set() and not batcher.busy
+    return caught.value
+
+
+async def test_internal_batching_aborts_the_call_of_a_client_that_left():
+    model = RowEcho(batching=BatchingMode.INTERNAL)
+    batcher = Batcher(model, BatchPolicy(), "m:1")
+    gone_at = time.monotonic() + 0.25
+    error = await _cancelled_when(batcher, model, is_gone=lambda: time.monotonic() > gone_at)
+    assert isinstance(error, ClientDisconnected)
+
+
+async def test_internal_batching_aborts_the_call_past_its_deadline():
+    model = RowEcho(batching=BatchingMode.INTERNAL)
+    batcher = Batcher(model, BatchPolicy(), "m:1")
+    error = await _cancelled_when(batcher, model, deadline=time.monotonic() + 0.2)
+    assert isinstance(error, InferenceTimeout)
 
 
 async def test_batching_none_sends_one_request_per_call():

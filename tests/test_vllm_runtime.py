@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -393,20 +394,43 @@ def test_bad_v2_parameters_get_400_with_a_v2_error(llm_server: RunningServer, pa
 # ----------------------------------------------------------------------------- disconnects and metrics
 
 
-def test_client_disconnect_aborts_the_generation(llm_server: RunningServer) -> None:
-    labels = {"model_name": "llm-a", "model_version": "1"}
-    cancelled = metric(llm_server, "mmserver_inference_requests_total", outcome="cancelled", **labels) or 0.0
+def _leave_a_streamed_completion(server: RunningServer, labels: dict[str, str]) -> float | None:
+    """Read ten events of a long streamed completion, then close the connection; returns the
+    engine's running-request count seen while the request was running."""
     body = {"model": "llm-a", "prompt": PROMPT, "max_tokens": 3900, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{llm_server.url}/v1/completions", json=body) as response:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             events = 0
             for line in response.iter_lines():
                 events += line.startswith("data: ")
                 if events == 10:  # still reading: the request runs
-                    running = metric(llm_server, "vllm:num_requests_running", **labels)
-                    break  # leaving the iterator closes the connection
-    assert running == 1.0
+                    return metric(server, "vllm:num_requests_running", **labels)
+    return None  # leaving the iterator closes the connection
+
+
+def _leave_a_v2_infer(server: RunningServer, labels: dict[str, str]) -> float | None:
+    """Send a long non-streamed V2 inference over a raw socket and close it while the engine runs it."""
+    body = json.dumps({
+        "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}],
+        "parameters": {"max_tokens": 3900, "temperature": 0, "ignore_eos": True},
+    }).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/llm-a/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while (running := metric(server, "vllm:num_requests_running", **labels)) != 1.0:
+            assert time.monotonic() < deadline, "the engine never started the request"
+            time.sleep(0.05)
+        return running
+
+
+@pytest.mark.parametrize("leave", [_leave_a_streamed_completion, _leave_a_v2_infer], ids=["openai-stream", "v2-infer"])
+def test_client_disconnect_aborts_the_generation(llm_server: RunningServer, leave) -> None:
+    labels = {"model_name": "llm-a", "model_version": "1"}
+    cancelled = metric(llm_server, "mmserver_inference_requests_total", outcome="cancelled", **labels) or 0.0
+    assert leave(llm_server, labels) == 1.0
     # the client is gone: the engine drops the request at once
     deadline = time.monotonic() + 10
     while metric(llm_server, "vllm:num_requests_running", **labels) != 0.0:
@@ -415,7 +439,6 @@ def test_client_disconnect_aborts_the_generation(llm_server: RunningServer) -> N
     generated = metric(llm_server, "vllm:generation_tokens_total", **labels)
     time.sleep(0.5)
     assert metric(llm_server, "vllm:generation_tokens_total", **labels) == generated
-    assert metric(llm_server, "vllm:request_success_total", finished_reason="length", **labels) is not None
     while metric(llm_server, "mmserver_inference_requests_total", outcome="cancelled", **labels) != cancelled + 1:
         assert time.monotonic() < deadline
         time.sleep(0.1)
