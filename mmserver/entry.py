@@ -25,6 +25,7 @@ class ModelEntry:
     model: LoadedModel | None = None
     batcher: Batcher | None = None
     loading: asyncio.Task[None] | None = None
+    leaving: asyncio.Future[None] | None = None  # set while the model is unloaded or evicted
     served: bool = True
     unloaded_by_operator: bool = False
     evicted: bool = False  # unloaded or parked to make room: comes back on the next request

@@ -340,10 +340,11 @@ class ModelManager:
         return entry.model
 
     async def _wait_until_ready(self, entry: ModelEntry) -> Batcher:
-        """Wait for a loading model (starting the load of a lazy one); at most ``max_queue``
-        requests wait per model, the next ones get 503 at once."""
-        if entry.loading is None and entry.state is ModelState.UNAVAILABLE and not entry.reloads_on_request():
-            raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
+        """Wait for a loading model (starting the load of a lazy or evicted one); at most
+        ``max_queue`` requests wait per model, the next ones get 503 at once. A request that
+        arrives while the model is being unloaded or evicted waits for that to finish first, then
+        loads it again only where a request may (never after an operator's unload)."""
+        _check_may_load(entry)
         limit = self._batch_policy(entry.spec).max_queue if entry.spec else 0
         if entry.waiting >= limit:
             raise ModelNotReady(
@@ -352,6 +353,9 @@ class ModelManager:
             )
         entry.waiting += 1
         try:
+            while entry.leaving is not None:
+                await asyncio.shield(entry.leaving)
+                _check_may_load(entry)
             await self._ensure_loading(entry)
         finally:
             entry.waiting -= 1
@@ -448,6 +452,10 @@ class ModelManager:
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
+        async with _leaving(entry):
+            await self._move_out(entry, reason)
+
+    async def _move_out(self, entry: ModelEntry, reason: str) -> None:
         model = entry.model
         assert model is not None
         held = self.ledger.held(entry.key)
@@ -482,6 +490,10 @@ class ModelManager:
         if entry.model is None:
             entry.reason = reason if entry.served else entry.reason
             return
+        async with _leaving(entry):
+            await self._unload_loaded(entry, reason)
+
+    async def _unload_loaded(self, entry: ModelEntry, reason: str) -> None:
         self._set_state(entry, ModelState.UNLOADING, reason)
         started = time.monotonic()
         model, batcher = entry.model, entry.batcher
@@ -510,7 +522,7 @@ class ModelManager:
     async def _unload_failed(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
         # Under the residency lock: a request that comes meanwhile starts its reload only once
         # the broken model is gone and its memory released.
-        async with self.residency.lock:
+        async with self.residency.lock, _leaving(entry):
             if entry.model is not model:
                 return
             await self._unload(entry, f"failed: {reason}")
@@ -572,6 +584,28 @@ def _refreeze() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _check_may_load(entry: ModelEntry) -> None:
+    """Raise for a request to a model that is down and that a request must not bring back."""
+    if entry.loading is None and entry.state is ModelState.UNAVAILABLE and not entry.reloads_on_request():
+        raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
+
+
+@asynccontextmanager
+async def _leaving(entry: ModelEntry) -> AsyncIterator[None]:
+    """Mark ``entry`` as being unloaded or evicted for as long as the context lasts (an eviction
+    that unloads counts once): requests arriving meanwhile wait for the end before loading it."""
+    if entry.leaving is not None:
+        yield
+        return
+    done = asyncio.get_running_loop().create_future()
+    entry.leaving = done
+    try:
+        yield
+    finally:
+        entry.leaving = None
+        done.set_result(None)
 
 
 def _not_ready(entry: ModelEntry) -> MMServerError:

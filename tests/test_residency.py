@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmserver.devices import Device, MemoryReading
-from mmserver.errors import InsufficientMemory
+from mmserver.errors import InsufficientMemory, ModelNotReady
 from mmserver.manager import ModelManager
 from mmserver.memory import Candidate, choose_victims, resolve_budget
 from mmserver.runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
@@ -62,7 +63,8 @@ class GpuModel(LoadedModel):
     def __init__(self, gpu: FakeGpu, size: int, leak: int = 0) -> None:
         self.gpu, self.size, self.leak = gpu, size, leak
         self.where = "gpu"
-        self.gate: asyncio.Event | None = None
+        self.gate: asyncio.Event | None = None  # holds infer() until set
+        self.offload_gate: asyncio.Event | None = None  # holds offload() until set
         gpu.ours += size
 
     def metadata(self) -> ModelMetadata:
@@ -87,6 +89,8 @@ class GpuModel(LoadedModel):
         return True
 
     async def offload(self) -> None:
+        if self.offload_gate is not None:
+            await self.offload_gate.wait()
         self.gpu.ours -= self.size - self.leak
         self.where = "host"
 
@@ -258,6 +262,57 @@ async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_p
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
         assert gpu.ours == 200 * MiB
+    finally:
+        await manager.stop()
+
+
+# ----------------------------------------------------------------------------- requests meeting an unload
+
+
+async def test_a_request_during_an_operators_unload_does_not_bring_the_model_back(tmp_path):
+    write_model(tmp_path, "a", 100, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    await manager.start()
+    try:
+        entry = manager.entry("a")
+        await manager.infer(entry, request())
+        entry.model.gate = asyncio.Event()
+        running = asyncio.create_task(manager.infer(entry, request()))
+        await asyncio.sleep(0.01)
+        unloading = asyncio.create_task(manager.unload("a"))  # drains: waits for the running request
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(manager.infer(entry, request()))
+        await asyncio.sleep(0.01)
+        entry.model.gate.set()
+        await asyncio.gather(running, unloading)
+        with pytest.raises(ModelNotReady, match="unloaded by request"):
+            await late
+        assert runtime.loaded == ["a"] and gpu.ours == 0
+        assert states(manager) == {"a": "UNAVAILABLE"} and manager.ledger.held("a:1") == {}
+    finally:
+        await manager.stop()
+
+
+async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_model(tmp_path):
+    write_model(tmp_path, "a", 200, "idle_unload_s: 0.2\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    await manager.start()
+    try:
+        entry = manager.entry("a")
+        first = entry.model
+        first.offload_gate = asyncio.Event()
+        deadline = time.monotonic() + 5
+        while entry.state is not ModelState.UNLOADING:  # the idle sweep moves it to host memory...
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        back = asyncio.create_task(manager.infer(entry, request()))  # ...while a request comes
+        await asyncio.sleep(0.05)
+        first.offload_gate.set()
+        await back
+        assert runtime.loaded == ["a"]  # it came back from host memory, not a second copy from disk
+        assert entry.model is first and first.where == "gpu"
+        assert states(manager) == {"a": "READY"}
+        assert gpu.ours == 200 * MiB and manager.ledger.used("cuda:0") == 200 * MiB
     finally:
         await manager.stop()
 
