@@ -202,6 +202,33 @@ def fail(entry: ModelEntry | None, started: float, error: BaseException) -> None
 # ----------------------------------------------------------------------------- the generate extension
 
 
+async def answer(request: Request, entry: ModelEntry, started: float, stack: AsyncExitStack,
+                 events: AsyncIterator[bytes] | None, work: Callable[[], Awaitable[T]],
+                 document: Callable[[T], Any]) -> Response:
+    """The response of a generation route: the event stream ``events`` (which then owns
+    ``stack``, the model's hold), or else ``document`` of what ``work`` returns, once it is done
+    (cancelled if the client leaves or the model's deadline passes)."""
+    if events is not None:
+        return EventStream(events, record(entry, started), stack)
+    try:
+        result = await until_disconnected(work(), request.receive, deadline_of(entry, request))
+    finally:
+        await stack.aclose()
+    record(entry, started)("success")
+    return Response(encode_json(document(result)), media_type=JSON)
+
+
+async def answer_failure(entry: ModelEntry | None, started: float, stack: AsyncExitStack,
+                         error: BaseException) -> Response:
+    """Release the model, count the failure, and re-raise it for the route's error body; a client
+    that left gets an empty 499 (nobody reads it, but the access log shows why)."""
+    await stack.aclose()
+    fail(entry, started, error)
+    if isinstance(error, ClientDisconnected):
+        return Response(b"", status_code=499)
+    raise error
+
+
 def _generate_request(body: Any) -> tuple[str, dict[str, Any], str | None]:
     """``text_input``, the sampling parameters and the request id of a generate request."""
     if not isinstance(body, dict):
@@ -258,22 +285,11 @@ async def _generate(request: Request, stream: bool) -> Any:
         head = {"model_name": entry.name, "model_version": entry.version}
         if request_id is not None:
             head["id"] = request_id
-        if stream:
-            events = _stream_events(generator, job, head)
-            return EventStream(events, record(entry, started), stack)
-        try:
-            results = await until_disconnected(generate_all(generator, job), request.receive,
-                                               deadline_of(entry, request))
-        finally:
-            await stack.aclose()
-        record(entry, started)("success")
-        return Response(encode_json({**head, "text_output": results[0].text}), media_type=JSON)
+        events = _stream_events(generator, job, head) if stream else None
+        return await answer(request, entry, started, stack, events, lambda: generate_all(generator, job),
+                            lambda results: {**head, "text_output": results[0].text})
     except BaseException as exc:
-        await stack.aclose()
-        fail(entry, started, exc)
-        if isinstance(exc, ClientDisconnected):
-            return Response(b"", status_code=499)
-        raise
+        return await answer_failure(entry, started, stack, exc)
 
 
 async def _stream_events(generator: TextGenerator, job: GenerationRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:

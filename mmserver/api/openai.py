@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..codec import encode_json
 from ..entry import ModelEntry
-from ..errors import ClientDisconnected, MMServerError, ModelNotFound, http_status
+from ..errors import MMServerError, ModelNotFound, http_status
 from ..generation import (
     FINISH_LENGTH,
     GenerationChunk,
@@ -41,16 +41,13 @@ from ..generation import (
 )
 from ..manager import ModelManager
 from .generate import (
-    EventStream,
-    deadline_of,
-    fail,
+    answer,
+    answer_failure,
     generating_entry,
     manager_of,
     open_generator,
     read_json,
-    record,
     sse,
-    until_disconnected,
 )
 from .http import JSON
 
@@ -318,22 +315,10 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
         fmt.start(entry.name, jobs[0].params.n)
         for i, job in enumerate(jobs):
             job.request_id = f"{fmt.id}-{i}"
-        if stream:
-            events = _events(generator, jobs, fmt, include_usage)
-            return EventStream(events, record(entry, started), stack)
-        try:
-            results = await until_disconnected(_gather(generator, jobs), request.receive,
-                                               deadline_of(entry, request))
-        finally:
-            await stack.aclose()
-        record(entry, started)("success")
-        return Response(encode_json(fmt.whole(results)), media_type=JSON)
+        events = _events(generator, jobs, fmt, include_usage) if stream else None
+        return await answer(request, entry, started, stack, events, lambda: _gather(generator, jobs), fmt.whole)
     except BaseException as exc:
-        await stack.aclose()
-        fail(entry, started, exc)
-        if isinstance(exc, ClientDisconnected):
-            return Response(b"", status_code=499)
-        raise
+        return await answer_failure(entry, started, stack, exc)
 
 
 async def _gather(generator: TextGenerator, jobs: list[GenerationRequest]) -> list[list[Any]]:
