@@ -23,10 +23,15 @@ from mmserver.types import TensorSpec
 from .forest import forest_predictor
 
 SUFFIXES = (".joblib", ".pkl", ".pickle")
-# Estimators whose own predict() is defined as classes_[argmax(predict_proba)]: when both
-# outputs are asked for, one predict_proba call yields both.
+# How predict() relates to predict_proba(), so that one predict_proba call can yield both outputs
+# (scikit-learn's own validation costs ~40 us per call whatever the batch):
+# - trees and forests define predict() as classes_[argmax(predict_proba)], ties included;
+# - logistic regression predicts the argmax of its decision function, of which its probabilities
+#   are a non-decreasing function: the argmax agrees except where rounding ties the top
+#   probabilities, and those rows are asked of predict() itself.
 _ARGMAX_OF_PROBA = ("RandomForestClassifier", "ExtraTreesClassifier", "DecisionTreeClassifier",
                     "ExtraTreeClassifier")
+_ARGMAX_OF_PROBA_BUT_TIES = ("LogisticRegression",)
 
 
 class SKLearnRuntime(Runtime):
@@ -88,11 +93,9 @@ class SKLearnModel(TabularModel):
         outputs = [TensorSpec("predict", label_datatype, (-1,))]
         if self.classes is not None and hasattr(estimator, "predict_proba"):
             outputs.append(TensorSpec("predict_proba", "FP64", (-1, len(self.classes))))
-        self._argmax_of_proba = (
-            type(final).__name__ in _ARGMAX_OF_PROBA
-            and final is estimator
-            and getattr(final, "n_outputs_", 1) == 1
-        )
+        sklearn_own = type(final).__module__.startswith("sklearn.") and getattr(final, "n_outputs_", 1) == 1
+        self._argmax_of_proba = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA
+        self._argmax_but_ties = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA_BUT_TIES
         # predict_proba of a forest classifier, predict of a forest regressor, or None
         self._forest = forest_predictor(estimator)
         names = getattr(estimator, "feature_names_in_", None)
@@ -112,17 +115,30 @@ class SKLearnModel(TabularModel):
         result: dict[str, np.ndarray] = {}
         if self._forest is not None and self.classes is None:
             return {"predict": self._forest(matrix)} if "predict" in outputs else {}
-        if "predict_proba" in outputs or ("predict" in outputs and self._argmax_of_proba):
+        from_proba = "predict" in outputs and (self._argmax_of_proba or self._argmax_but_ties)
+        if "predict_proba" in outputs or from_proba:
             proba = self._forest(matrix) if self._forest is not None else self.estimator.predict_proba(matrix)
             if "predict_proba" in outputs:
                 result["predict_proba"] = proba
-            if "predict" in outputs and self._argmax_of_proba:
-                result["predict"] = self.classes.take(np.argmax(proba, axis=1))
+            if from_proba:
+                result["predict"] = self._labels_of(proba, matrix)
         if "predict" in outputs and "predict" not in result:
             result["predict"] = np.asarray(self.estimator.predict(matrix))
         if "predict" in result and self._label_dtype is not None:
             result["predict"] = result["predict"].astype(self._label_dtype, copy=False)
         return result
+
+    def _labels_of(self, proba: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """predict() from predict_proba(): the most probable class of each row; where the top
+        probabilities tie and the estimator may break the tie otherwise, its own predict()."""
+        best = np.argmax(proba, axis=1)
+        labels = self.classes.take(best)
+        if self._argmax_but_ties and len(best):
+            top = proba[np.arange(len(best)), best]
+            tied = np.count_nonzero(proba == top[:, None], axis=1) > 1
+            if tied.any():
+                labels[tied] = self.estimator.predict(matrix[tied])
+        return labels
 
     async def unload(self) -> None:
         self.estimator = None

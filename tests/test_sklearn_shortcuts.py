@@ -1,4 +1,5 @@
-"""The scikit-learn runtime's fast path for tree ensembles answers exactly what the estimator does."""
+"""The scikit-learn runtime's shortcuts (the tree ensembles' fast path, predict taken from
+predict_proba) answer exactly what the estimator itself does."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sklearn.ensemble import (
     RandomForestClassifier,
     RandomForestRegressor,
 )
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -99,3 +101,49 @@ def test_a_forest_whose_own_answer_differs_keeps_its_own_methods():
     own = forest.predict_proba
     forest.predict_proba = lambda matrix: own(matrix) * 0.5
     assert forest_predictor(forest) is None
+
+
+# ----------------------------------------------------------------------------- predict from predict_proba
+
+
+def _both_outputs(estimator, matrix: np.ndarray) -> dict[str, np.ndarray]:
+    model = SKLearnModel(estimator, host_bytes=0)
+    return model.predict(matrix, ["predict", "predict_proba"])
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda x, t: LogisticRegression().fit(x, t > 0), id="binary"),
+    pytest.param(lambda x, t: LogisticRegression(max_iter=500).fit(x, _classes(t, np.array(["a", "b", "c", "d"]))),
+                 id="4-classes"),
+    pytest.param(lambda x, t: make_pipeline(StandardScaler(), LogisticRegression()).fit(x, _classes(t, np.arange(3))),
+                 id="pipeline"),
+])
+def test_logistic_regression_labels_from_its_probabilities_match_its_predict(build):
+    x, target = _data()
+    estimator = build(x, target)
+    matrix = _data(seed=11)[0]
+    result = _both_outputs(estimator, matrix)
+    np.testing.assert_array_equal(result["predict"], estimator.predict(matrix))
+    np.testing.assert_array_equal(result["predict_proba"], estimator.predict_proba(matrix))
+
+
+@pytest.mark.parametrize("decision", [
+    pytest.param([0.0, 1e-20], id="binary: a positive decision too small to move the probability off 0.5"),
+    pytest.param([0.0, 1e-17, -5.0], id="3 classes: two decisions one rounding apart"),
+])
+def test_rows_whose_top_probabilities_tie_get_the_estimators_own_label(decision):
+    """Weights set by hand so that one row's decision values differ by less than the rounding of
+    its probabilities: argmax(predict_proba) alone would name the wrong class."""
+    classes = len(decision)
+    x = np.eye(classes)
+    estimator = LogisticRegression().fit(np.vstack([x, x]), np.tile(np.arange(classes), 2))
+    if classes == 2:  # one decision value: class 1 when positive
+        estimator.coef_, estimator.intercept_ = np.array([[0.0, 1.0]]), np.zeros(1)
+        row = np.array([[0.0, decision[1]]])
+    else:
+        estimator.coef_, estimator.intercept_ = np.eye(classes), np.zeros(classes)
+        row = np.array([decision])
+    proba = estimator.predict_proba(row)
+    assert np.count_nonzero(proba == proba.max()) == 2  # the probabilities tie...
+    assert estimator.predict(row)[0] == 1 != np.argmax(proba)  # ...but the decision does not
+    assert _both_outputs(estimator, row)["predict"].tolist() == [1]
