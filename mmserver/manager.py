@@ -34,7 +34,7 @@ from .memory import MemoryLedger, format_bytes
 from .metrics import Metrics, ModelSnapshot, ServerSnapshot
 from .repository import Repository, RepositoryModel, select_versions
 from .residency import Residency
-from .runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
+from .runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry, run_sync
 from .settings import Settings
 from .spec import ModelSpec
 from .types import InferRequest, InferResponse, ModelMetadata, ModelState
@@ -482,7 +482,9 @@ class ModelManager:
             entry.reason = "evicted, reloads on the next request"
         for device, size in on_gpus.items():
             if used[device] is not None:
-                await self.residency.wait_released(device, used[device], size)
+                await self.residency.wait_released(
+                    device, used[device], size, lambda d=device: run_sync(self.registry.release_cached_memory, d)
+                )
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         if entry.loading is not None:

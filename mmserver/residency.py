@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from .devices import Device
 from .entry import ModelEntry
@@ -25,6 +26,7 @@ from .spec import ModelSpec
 log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 2.0
+RELEASE_ESCALATE_S = 0.5  # after this long, framework caches are asked to give memory back
 RELEASE_TOLERANCE = 64 * 1024**2  # NVML's view may differ from the ledger's by allocator slack
 
 
@@ -156,16 +158,27 @@ class Residency:
             sizes[placement.device] = max(sizes.get(placement.device, 0), floor)
         return sizes
 
-    async def wait_released(self, device: str, used_before: int, size: int) -> None:
-        """After an eviction on a GPU, wait until NVML shows its memory back (within a tolerance);
-        report a leak when it does not come back in time."""
+    async def wait_released(
+        self, device: str, used_before: int, size: int, release_cached: Callable[[], Awaitable[None]]
+    ) -> None:
+        """After an eviction on a GPU, wait until NVML shows its memory back (within a tolerance).
+        Memory still missing after ``RELEASE_ESCALATE_S`` escalates: ``release_cached`` asks the
+        frameworks to empty their allocator caches; what is still missing at ``RELEASE_TIMEOUT_S``
+        is reported as a possible leak."""
         if device == HOST or device not in self.devices:
             return
         target = used_before - size + RELEASE_TOLERANCE
-        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        started = time.monotonic()
+        escalated = False
         while (now := self.used(device) or 0) > target:
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if waited > RELEASE_TIMEOUT_S:
                 log.warning("%s: %s of %s evicted was not given back to the device (possible leak)",
                             device, format_bytes(now - (used_before - size)), format_bytes(size))
                 return
+            if waited > RELEASE_ESCALATE_S and not escalated:
+                escalated = True
+                log.info("%s: %s of %s evicted is still in use after %.1f s; emptying allocator caches",
+                         device, format_bytes(now - (used_before - size)), format_bytes(size), waited)
+                await release_cached()
             await asyncio.sleep(0.005)

@@ -137,6 +137,11 @@ class Runtime(ABC):
         server's metrics at scrape time."""
         return ()
 
+    def release_cached_memory(self, device: str) -> None:
+        """Give back to ``device`` the memory the framework keeps cached for reuse (torch's
+        caching allocator). The manager calls it, on a worker thread, when memory evicted from
+        ``device`` has not come back on its own. The default holds no cache."""
+
 
 def files_with_suffix(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Files directly in ``folder`` whose suffix is one of ``suffixes``, ``model.*`` first."""
@@ -269,6 +274,15 @@ class RuntimeRegistry:
             f"runtime '{name}' is not installed (installed: {', '.join(sorted(self.runtimes)) or 'none'});"
             f" install its plugin, e.g. runtimes/{name}"
         )
+
+    def release_cached_memory(self, device: str) -> None:
+        """Ask every GPU runtime to give its cached memory on ``device`` back (see ``Runtime``)."""
+        for name, runtime in self.runtimes.items():
+            if runtime.supports_gpu:
+                try:
+                    runtime.release_cached_memory(device)
+                except Exception:  # a failing plugin must not stop the eviction
+                    log.exception("runtime %s failed to release cached memory on %s", name, device)
 
     def detect(self, path: Path) -> str | None:
         """The name of the first installed runtime that recognises the folder."""

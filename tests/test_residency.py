@@ -39,6 +39,7 @@ class FakeGpu(Device):
         self.uuid = f"GPU-fake-{name}"
         self.others = others
         self.ours = 0
+        self.left_behind = 0  # bytes models left in use after they went (a leak or a cache)
 
     def read(self) -> MemoryReading:
         return MemoryReading(GPU_TOTAL, self.others + self.ours, self.ours)
@@ -79,6 +80,7 @@ class GpuModel(LoadedModel):
     async def unload(self) -> None:
         if self.where == "gpu":
             self.gpu.ours -= self.size - self.leak
+            self.gpu.left_behind += self.leak
         self.where = "gone"
 
     def memory(self) -> dict[str, int]:
@@ -92,6 +94,7 @@ class GpuModel(LoadedModel):
         if self.offload_gate is not None:
             await self.offload_gate.wait()
         self.gpu.ours -= self.size - self.leak
+        self.gpu.left_behind += self.leak
         self.where = "host"
 
     async def restore(self, placement: Placement) -> None:
@@ -105,9 +108,18 @@ class GpuRuntime(Runtime):
     name = "fakegpu"
     supports_gpu = True
 
-    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0) -> None:
+    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False) -> None:
         self.gpus, self.leak = gpus, leak
+        self.cached = cached  # what models leave behind is an allocator cache the runtime can empty
         self.loaded: list[str] = []
+        self.releases: list[str] = []
+
+    def release_cached_memory(self, device: str) -> None:
+        self.releases.append(device)
+        if self.cached:
+            gpu = self.gpus[device]
+            gpu.ours -= gpu.left_behind
+            gpu.left_behind = 0
 
     def matches(self, path: Path) -> bool:
         return (path / "size_mib").is_file()
@@ -132,9 +144,10 @@ def request() -> InferRequest:
     return InferRequest([InferInput("x", "FP32", np.zeros((1, 1), np.float32))])
 
 
-def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0, **settings):
+def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0,
+                 cached: bool = False, **settings):
     gpu = FakeGpu()
-    runtime = GpuRuntime({"cuda:0": gpu}, leak)
+    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached)
     manager = ModelManager(
         Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
                  memory_margin=0, **settings),
@@ -320,15 +333,33 @@ async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_m
 async def test_memory_that_does_not_come_back_is_reported(tmp_path, caplog):
     write_model(tmp_path, "a", 200)
     write_model(tmp_path, "b", 200, "load: lazy\n")
-    manager, gpu, _ = make_manager(tmp_path, leak=150 * MiB)
+    manager, gpu, runtime = make_manager(tmp_path, leak=150 * MiB)
     await manager.start()
     try:
         with caplog.at_level(logging.WARNING, logger="mmserver.residency"):
             with pytest.raises(InsufficientMemory) as info:  # the 150 MiB a leaked leave no room for b
                 await manager.infer(manager.entry("b"), request())
+        assert runtime.releases == ["cuda:0"]  # the caches were asked first: it is no cache
         assert "possible leak" in caplog.text
         assert "model b:1 needs 200.0 MiB on cuda:0; 150.0 MiB is free" in info.value.message
         assert gpu.ours == 150 * MiB <= manager.ledger.budgets["cuda:0"]
+    finally:
+        await manager.stop()
+
+
+async def test_memory_held_in_an_allocator_cache_is_asked_back_before_it_counts_as_a_leak(tmp_path, caplog):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path, leak=150 * MiB, cached=True)
+    await manager.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="mmserver.residency"):
+            await manager.infer(manager.entry("b"), request())  # a leaves, its cache is emptied
+        assert runtime.releases == ["cuda:0"]
+        assert "150.0 MiB of 200.0 MiB evicted is still in use" in caplog.text
+        assert "possible leak" not in caplog.text
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
+        assert gpu.ours == 200 * MiB
     finally:
         await manager.stop()
 

@@ -239,13 +239,13 @@ def test_repository_detects_the_runtime(hf_repo: HFRepo) -> None:
 def test_detection_and_estimate_import_neither_torch_nor_transformers(hf_repo: HFRepo) -> None:
     code = (
         "import sys; from pathlib import Path\n"
-        "from mmserver.runtime import RuntimeRegistry\n"
+        "from mmserver.runtime import Placement, RuntimeRegistry\n"
         "from mmserver.spec import ModelConfig, ModelSpec\n"
         "registry = RuntimeRegistry.discover()\n"
         f"folder = Path({str(hf_repo.folder('generator'))!r})\n"
         "assert registry.detect(folder) in ('transformers', 'vllm')  # vllm ranks first where installed\n"
         "spec = ModelSpec('g', '1', folder, 'transformers', ModelConfig(), 'detected')\n"
-        "print(registry.get('transformers').estimate(spec)['cpu'])\n"
+        "print(registry.get('transformers').estimate(spec, Placement())['cpu'])\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -9,11 +9,13 @@ imported when the first model loads (``mmserver_transformers.model``).
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 from mmserver.checkpoint import CONFIG_FILE, TORCH_BIN, read_config
 from mmserver.errors import ModelLoadError
-from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, run_sync
+from mmserver.runtime import IMPORT_LOCK, Placement, Runtime, run_sync
 from mmserver.spec import ModelSpec
 
 from .estimate import estimate_memory
@@ -33,13 +35,20 @@ class TransformersRuntime(Runtime):
             return False
         return (path / TORCH_BIN).is_file() or any(p.is_file() for p in path.glob("*.safetensors"))
 
-    def estimate(self, spec: ModelSpec, placement: Placement | None = None) -> dict[str, int]:
-        # The contract's estimate() has no placement; the manager places models on the host today.
-        device = placement.device if placement is not None else HOST
-        return estimate_memory(spec.artifact, device, spec.config.parameters)
+    def estimate(self, spec: ModelSpec, placement: Placement) -> dict[str, int]:
+        return estimate_memory(spec.artifact, placement.device, spec.config.parameters)
 
     async def load(self, spec: ModelSpec, placement: Placement):
         return await run_sync(_load, spec, placement)
+
+    def release_cached_memory(self, device: str) -> None:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():  # no model brought torch in: no cache
+            return
+        gc.collect()  # tensors that only reference cycles still hold
+        with torch.cuda.device(torch.device(device)):
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
 
     def generates_text(self, spec: ModelSpec) -> bool:
         try:
