@@ -23,25 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from statistics import median
 from pathlib import Path
 
+from serving import start_server, stop_server
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_repo(root: Path) -> dict[str, tuple[object, int]]:
@@ -111,29 +103,6 @@ def _rate(call, seconds: float) -> float:
     return count * BATCH / (time.perf_counter() - started)
 
 
-def serve(root: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mmserver", "serve", str(root), "--port", str(port), *extra],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server not ready; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
-
-
 def load(bench: Path, url: str, model: str, features: int, concurrency: int, duration: float) -> dict:
     out = subprocess.run(
         [sys.executable, str(bench / "loadgen.py"), "--url", url, "--model", model, "--features",
@@ -156,7 +125,7 @@ def main() -> int:
         models = build_repo(root)
         baseline = in_process_rows_per_s(models, root)
         results: dict[tuple[str, str, int], dict] = {}
-        proc, url = serve(root, [], Path(tmp) / "server.log")
+        proc, url = start_server(root, Path(tmp) / "server.log", env={"OMP_NUM_THREADS": "1"})
         try:
             for name, (_, width) in models.items():
                 for batching in ("on", "off"):
@@ -170,18 +139,18 @@ def main() -> int:
                         r = load(args.bench_dir, url, f"{name}-{batching}", width, 1, args.duration / 2)
                         lone[(name, batching)].append(r["latency_ms"]["p50"])
         finally:
-            stop(proc)
+            stop_server(proc)
         # metrics on vs off: servers alternate, median of the rounds
         with_metrics = {name: [] for name in models}
         without = {name: [] for name in models}
         for _ in range(args.rounds):
             for extra, sink in (([], with_metrics), (["--no-metrics"], without)):
-                proc, url = serve(root, extra, Path(tmp) / "server-metrics.log")
+                proc, url = start_server(root, Path(tmp) / "server-metrics.log", extra, env={"OMP_NUM_THREADS": "1"})
                 try:
                     for name, (_, width) in models.items():
                         sink[name].append(load(args.bench_dir, url, f"{name}-on", width, 64, args.duration / 2)["throughput_rps"])
                 finally:
-                    stop(proc)
+                    stop_server(proc)
 
     print("| model | concurrency | batching | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")

@@ -25,9 +25,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,14 +32,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serving import start_server, stop_server
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_models(repo: Path, count: int, mib: int, device: str) -> int:
@@ -160,19 +153,9 @@ def main() -> int:
         predicted = estimate_memory(repo / "m0" / "1", device_name, {})[device_name]
         budget = int(predicted + (fitting - 1) * weights * 1.1)
         flag = "--gpu-memory-budget" if args.device == "cuda" else "--host-memory-budget"
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen([sys.executable, "-m", "mmserver", "serve", str(repo), "--port", str(port),
-                                   flag, str(budget), "--log-level", "info"],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server, url = start_server(repo, Path(tmp) / "server.log", [flag, str(budget), "--log-level", "info"],
+                                   timeout_s=120)
         try:
-            for _ in range(600):
-                try:
-                    if urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1).status == 200:
-                        break
-                except OSError:
-                    time.sleep(0.2)
             sampler = DeviceSampler(args.device, url)
             baseline = sampler.used()
             print(f"{args.models} models of {weights / 2**20:.0f} MiB weights on {args.device}; "
@@ -217,8 +200,7 @@ def main() -> int:
             print(f"after unloading every model: {left / 2**20:+.0f} MiB against the baseline (target +-64 MiB)")
             return 0 if failed == 0 and peak <= budget and abs(left) <= 64 * 2**20 else 1
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(60)
+            stop_server(server)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from serving import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -85,7 +83,6 @@ def build_repo(root: Path) -> dict[str, tuple[list[list[float]], list]]:
     """Write the models; returns, per model, rows and what the model predicts for them."""
     sys.path.insert(0, str(TESTS))
     import joblib
-    import numpy as np
     import xgboost as xgb
     from sklearn.datasets import load_iris
     from sklearn.ensemble import RandomForestClassifier
@@ -118,46 +115,6 @@ def build_repo(root: Path) -> dict[str, tuple[list[list[float]], list]]:
 
 
 # ----------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(repo: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mmserver", "serve", str(repo), "--port", str(port),
-                                    "--model-control-mode", "explicit", *extra],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited while starting:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the server was not ready in 60 s:\n{log_path.read_text()}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def rss_bytes(pid: int) -> int:
@@ -359,7 +316,8 @@ def run(duration: float, warmup: float, workdir: Path, seed: int = 0, server_arg
     """Build the repository under ``workdir``, start a server, soak it, stop it."""
     repo = workdir / "repo"
     expected = build_repo(repo)
-    process, url = start_server(repo, workdir / "server.log", server_args or [])
+    process, url = start_server(repo, workdir / "server.log", ["--model-control-mode", "explicit", *(server_args or [])],
+                                env={"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"})
     try:
         result = asyncio.run(Soak(url, process.pid, expected, duration, warmup, seed).run())
         if process.poll() is not None:

@@ -25,13 +25,12 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from serving import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "the quick dog ran along the river with seven bright stones"
@@ -136,35 +135,6 @@ async def measure(model: Path, url: str, streams: list[int], tokens: int, rounds
 # ----------------------------------------------------------------------------- through mmserver
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mmserver", "serve", str(repo), "--port", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited while starting; see {log}")
-        try:
-            if httpx.get(f"{url}/v2/models/bench/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"the model was not ready within 300 s; see {log}")
-
-
 def run(coroutine):
     """Drive the direct engine on uvloop, like the server (and vLLM's own API server)."""
     try:
@@ -196,12 +166,11 @@ def main() -> None:
               f"median of {args.rounds} rounds", flush=True)
 
         log = Path(tmp) / "server.log"
-        process, url = start_server(repo, log)
+        process, url = start_server(repo, log, ready_path="/v2/models/bench/ready", timeout_s=300)
         try:
             results = run(measure(model, url, args.streams, args.tokens, args.rounds))
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            stop_server(process)
     direct, streamed, whole = results["direct"], results["sse"], results["json"]
 
     print(f"\n{'streams':>7}  {'direct tok/s':>12}  {'mmserver SSE':>12}  {'ratio':>6}  {'mmserver JSON':>13}  {'ratio':>6}")

@@ -10,13 +10,14 @@ import importlib.util
 import sys
 import weakref
 
-import pytest
-
 from conftest import ROOT
 from hardening_support import build_small_repo
 
 
 def load_soak():
+    benchmarks = str(ROOT / "benchmarks")
+    if benchmarks not in sys.path:  # soak.py imports its sibling serving.py, as when run as a script
+        sys.path.insert(0, benchmarks)
     spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["soak"] = module

@@ -1,0 +1,66 @@
+"""Start and stop an mmserver process for a benchmark (shared by the benchmark scripts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    repo: Path,
+    log: Path,
+    extra: Sequence[str] = (),
+    *,
+    ready_path: str = "/v2/health/ready",
+    timeout_s: float = 60,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Serve ``repo`` on a free port (its output in ``log``) and wait until ``ready_path``
+    answers 200; returns the process and its base URL."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mmserver", "serve", str(repo), "--port", str(port), *extra],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited while starting:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + ready_path, timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:  # not listening yet, or 503 while models load
+            pass
+        time.sleep(0.1)
+    stop_server(process)
+    raise RuntimeError(f"the server was not ready within {timeout_s:g} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains and stops its engines), then wait; kill after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
