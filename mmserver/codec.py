@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from .errors import InferenceError, InvalidInput
-from .types import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+from .types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),

@@ -34,7 +34,7 @@ from transformers import (
 
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from mmserver.generation import GenerationChunk, GenerationRequest, TextGenerator
-from mmserver.checkpoint import read_config, weight_files
+from mmserver.checkpoint import max_positions, read_config, weight_files
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
@@ -46,7 +46,6 @@ from .options import (
     GenerationParams,
     Options,
     dtype_for,
-    max_positions,
 )
 
 log = logging.getLogger("mmserver_transformers")

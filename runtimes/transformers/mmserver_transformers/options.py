@@ -11,10 +11,9 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from mmserver.checkpoint import config_dtype, max_positions
+from mmserver.checkpoint import config_dtype
 from mmserver.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger("mmserver_transformers")
