@@ -12,7 +12,6 @@ any other is unloaded and reloaded from disk on its next request.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +29,7 @@ from .errors import (
     ModelNotFound,
     ModelNotReady,
 )
+from .heap import HeapKeeper
 from .memory import MemoryLedger, format_bytes
 from .metrics import Metrics, ModelSnapshot, ServerSnapshot
 from .repository import Repository, RepositoryModel, select_versions
@@ -42,6 +42,7 @@ from .types import InferRequest, InferResponse, ModelMetadata, ModelState
 log = logging.getLogger(__name__)
 IDLE_SWEEP_MIN_S = 0.5
 IDLE_SWEEP_MAX_S = 30.0
+HEAP_CHECK_S = 1.0  # how often pending full garbage collections look for an idle moment
 
 
 class ModelManager:
@@ -65,7 +66,8 @@ class ModelManager:
         self._models: dict[str, dict[str, ModelEntry]] = {}
         self._default_version: dict[str, str] = {}
         self._load_slots = asyncio.Semaphore(settings.load_concurrency)
-        self._idle_sweeper: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []  # the idle sweeper and the collector
+        self._heap = HeapKeeper()
         self._sync_locks: dict[str, asyncio.Lock] = {}
         self._folder_errors: dict[str, str] = {}  # folders that changed into something unreadable
 
@@ -75,9 +77,10 @@ class ModelManager:
         """Set the memory budgets, read the repository and load every ``startup`` model."""
         self.residency.set_budgets()
         await self.rescan()
-        _refreeze()
+        self._heap.full_collection()
         self.started.set()
-        self._idle_sweeper = asyncio.create_task(self._sweep_idle(), name="idle unloads")
+        self._background = [asyncio.create_task(self._sweep_idle(), name="idle unloads"),
+                            asyncio.create_task(self._collect_garbage(), name="garbage collection")]
         ready = sum(e.state is ModelState.READY for e in self._entries())
         log.info("repository %s: %d model versions ready, %d known", self.repository.root, ready,
                  sum(len(v) for v in self._models.values()))
@@ -85,8 +88,8 @@ class ModelManager:
     async def stop(self) -> None:
         """Drain every model's queue, then unload it."""
         self.started.clear()
-        if self._idle_sweeper is not None:
-            self._idle_sweeper.cancel()
+        for task in self._background:
+            task.cancel()
         await asyncio.gather(*(self._unload(e, "server stopping") for e in list(self._entries())))
 
     # ------------------------------------------------------------------ lookups
@@ -394,7 +397,7 @@ class ModelManager:
                 took = time.monotonic() - started
                 entry.metrics.loaded(took)
                 self._set_state(entry, ModelState.READY, "", took)
-                _refreeze()
+                self._heap.freeze_survivors()
         except Exception as exc:  # a broken model is reported, never fatal
             if entry.model is None:
                 self.ledger.release(entry.key)
@@ -509,6 +512,7 @@ class ModelManager:
         entry.model = None
         entry.parked = None
         self.ledger.release(entry.key)
+        self._heap.unloaded()
         self._set_state(entry, ModelState.UNAVAILABLE, reason, time.monotonic() - started)
 
     def _on_failure(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
@@ -545,6 +549,14 @@ class ModelManager:
                         if entry.evictable:
                             await self._evict(entry, f"idle for {now - entry.last_used:.0f} s")
 
+    async def _collect_garbage(self) -> None:
+        """Run the full garbage collection that unloads leave pending (``HeapKeeper``) at a moment
+        when no request runs and no model loads."""
+        while True:
+            await asyncio.sleep(HEAP_CHECK_S)
+            if self._heap.pending:
+                self._heap.collect_frozen(idle=not any(e.busy or e.loading for e in self._entries()))
+
     def _idle_timeout(self, entry: ModelEntry) -> float | None:
         if entry.spec is None or entry.pinned:
             return None
@@ -575,17 +587,6 @@ class ModelManager:
             timeout_s=spec.config.timeout_s if spec.config.timeout_s is not None else s.infer_timeout_s,
             adaptive_fill=s.adaptive_fill if batching.adaptive_fill is None else batching.adaptive_fill,
         )
-
-
-def _refreeze() -> None:
-    """Move the long-lived objects (loaded models, their frameworks' modules) out of the garbage
-    collector's generations: full collections over them stalled every request in flight for
-    ~60 ms. The earlier frozen set is thawed and collected first, so the cyclic garbage of
-    requests in flight and of unloaded models is freed rather than frozen for good (freezing
-    without collecting grew the soak's RSS by 37% in 10 minutes of loads and unloads)."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def _check_may_load(entry: ModelEntry) -> None:
