@@ -340,6 +340,7 @@ def test_the_connection_cap_answers_503_and_frees_up_when_idle_clients_leave(cap
     idle = open_idle(url, MAX_CONNECTIONS, first_request=False)
     response = send(url, request_bytes("GET", "/v2/health/live", headers={"Connection": "close"}), timeout=5)
     assert response.status == 503, response.body
+    assert "connection cap" in response.error() and response.headers.get("retry-after") == "1"
     for sock in idle:
         sock.close()
     wait_until(lambda: one_request(url) == 200, timeout=3, interval=0.1, what="a normal request to succeed")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ..codec import encode_json
 
@@ -65,6 +67,10 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         the JSON error body every other bad request gets."""
         self._answer_and_close(b"400 Bad Request", f"malformed HTTP request: {msg}")
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """uvicorn's answer at the connection cap (``--max-connections``) as a JSON error."""
+        super()._start_asgi_task(cycle, _over_the_connection_cap if app is service_unavailable else app)
+
     def _answer_and_close(self, status: bytes, message: str) -> None:
         body = encode_json({"error": message})
         self.transport.write(
@@ -83,6 +89,15 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             )
         else:
             self.transport.close()
+
+
+async def _over_the_connection_cap(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    body = encode_json({"error": "the server is at its connection cap (max_connections); retry later"})
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close"),
+    ]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def http_protocol(head_timeout_s: float) -> type[HeadDeadlineProtocol]:
