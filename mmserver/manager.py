@@ -415,6 +415,7 @@ class ModelManager:
             self.ledger.reserve(entry.key, predicted)
             self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
+                await run_sync(runtime.prepare_device, placement)
                 before = self.residency.used(placement.device)
                 entry.model = await self._timed_load(runtime, spec, placement)
                 self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, before))

@@ -137,6 +137,12 @@ class Runtime(ABC):
         server's metrics at scrape time."""
         return ()
 
+    def prepare_device(self, placement: Placement) -> None:
+        """Ready the framework on ``placement``'s GPU before a model's size is measured there as
+        the growth of the device's memory: create what the first model would otherwise be
+        charged with (torch's CUDA context, a few hundred MiB, made once per device). Called on a
+        worker thread, under the memory lock. The default prepares nothing."""
+
     def release_cached_memory(self, device: str) -> None:
         """Give back to ``device`` the memory the framework keeps cached for reuse (torch's
         caching allocator). The manager calls it, on a worker thread, when memory evicted from

@@ -108,11 +108,18 @@ class GpuRuntime(Runtime):
     name = "fakegpu"
     supports_gpu = True
 
-    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False) -> None:
+    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False, context: int = 0) -> None:
         self.gpus, self.leak = gpus, leak
         self.cached = cached  # what models leave behind is an allocator cache the runtime can empty
+        self.context = context  # bytes the first use of a device costs (a CUDA context)
+        self.contexts: set[str] = set()
         self.loaded: list[str] = []
         self.releases: list[str] = []
+
+    def prepare_device(self, placement: Placement) -> None:
+        if self.context and placement.device not in self.contexts:
+            self.contexts.add(placement.device)
+            self.gpus[placement.device].ours += self.context
 
     def release_cached_memory(self, device: str) -> None:
         self.releases.append(device)
@@ -128,6 +135,7 @@ class GpuRuntime(Runtime):
         return {placement.device: int((spec.artifact / "size_mib").read_text()) * MiB}
 
     async def load(self, spec, placement: Placement) -> GpuModel:
+        self.prepare_device(placement)  # like torch: the first use of a device makes its context
         self.loaded.append(spec.name)
         size = int((spec.artifact / "size_mib").read_text()) * MiB
         return GpuModel(self.gpus[placement.device], size, self.leak)
@@ -145,9 +153,9 @@ def request() -> InferRequest:
 
 
 def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0,
-                 cached: bool = False, **settings):
+                 cached: bool = False, context: int = 0, **settings):
     gpu = FakeGpu()
-    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached)
+    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context)
     manager = ModelManager(
         Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
                  memory_margin=0, **settings),
@@ -326,6 +334,18 @@ async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_m
         assert entry.model is first and first.where == "gpu"
         assert states(manager) == {"a": "READY"}
         assert gpu.ours == 200 * MiB and manager.ledger.used("cuda:0") == 200 * MiB
+    finally:
+        await manager.stop()
+
+
+async def test_the_first_model_on_a_gpu_is_not_charged_with_the_cuda_context(tmp_path):
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "b", 100)
+    manager, gpu, _ = make_manager(tmp_path, gpu_budget="1GiB", context=300 * MiB)
+    await manager.start()
+    try:
+        assert gpu.ours == 500 * MiB  # the context and two models...
+        assert manager.ledger.held("a:1") == manager.ledger.held("b:1") == {"cuda:0": 100 * MiB}  # ...charged apart
     finally:
         await manager.stop()
 

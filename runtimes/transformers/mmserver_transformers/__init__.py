@@ -41,6 +41,13 @@ class TransformersRuntime(Runtime):
     async def load(self, spec: ModelSpec, placement: Placement):
         return await run_sync(_load, spec, placement)
 
+    def prepare_device(self, placement: Placement) -> None:
+        if not placement.is_gpu:
+            return
+        with IMPORT_LOCK:
+            import torch
+        torch.zeros(1, device=placement.device)  # creates the CUDA context on that device (once)
+
     def release_cached_memory(self, device: str) -> None:
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():  # no model brought torch in: no cache
