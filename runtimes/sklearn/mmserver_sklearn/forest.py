@@ -26,18 +26,18 @@ class ForestPredictor:
     """Mean of the trees' outputs: class probabilities for classifiers, values for regressors."""
 
     def __init__(self, estimator: Any) -> None:
-        self._trees = [tree.tree_ for tree in estimator.estimators_]
-        self._classifier = hasattr(estimator, "classes_")
-        self._width = int(estimator.n_classes_) if self._classifier else 1
+        self.trees = [tree.tree_ for tree in estimator.estimators_]  # scikit-learn's compiled trees
+        self.classifier = hasattr(estimator, "classes_")
+        self._width = int(estimator.n_classes_) if self.classifier else 1
 
     def __call__(self, matrix: np.ndarray) -> np.ndarray:
         """``predict_proba`` of a classifier (``[N, classes]``) or ``predict`` of a regressor (``[N]``)."""
         rows = np.ascontiguousarray(matrix, dtype=np.float32)
         total = np.zeros((rows.shape[0], self._width))
-        for tree in self._trees:
+        for tree in self.trees:
             total += tree.predict(rows)[:, : self._width]
-        total /= len(self._trees)
-        return total if self._classifier else total[:, 0]
+        total /= len(self.trees)
+        return total if self.classifier else total[:, 0]
 
 
 def forest_predictor(estimator: Any) -> ForestPredictor | None:
@@ -53,14 +53,14 @@ def forest_predictor(estimator: Any) -> ForestPredictor | None:
         return None
     predictor = ForestPredictor(estimator)
     probe = _probe_rows(predictor, int(estimator.n_features_in_))
-    own = estimator.predict_proba(probe) if predictor._classifier else estimator.predict(probe)
+    own = estimator.predict_proba(probe) if predictor.classifier else estimator.predict(probe)
     return predictor if np.array_equal(predictor(probe), own) else None
 
 
 def _probe_rows(predictor: ForestPredictor, n_features: int) -> np.ndarray:
     """Rows spread over each feature's split thresholds, so probes reach many different leaves."""
-    features = np.concatenate([tree.feature for tree in predictor._trees])
-    thresholds = np.concatenate([tree.threshold for tree in predictor._trees])
+    features = np.concatenate([tree.feature for tree in predictor.trees])
+    thresholds = np.concatenate([tree.threshold for tree in predictor.trees])
     split = (features >= 0) & np.isfinite(thresholds)
     low = np.zeros(n_features)
     high = np.zeros(n_features)
