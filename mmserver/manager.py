@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 IDLE_SWEEP_MIN_S = 0.5
 IDLE_SWEEP_MAX_S = 30.0
 HEAP_CHECK_S = 1.0  # how often pending full garbage collections look for an idle moment
+LOAD_PROGRESS_S = 10.0  # a load that takes longer logs that it is still going this often
 
 
 class ModelManager:
@@ -425,12 +426,16 @@ class ModelManager:
 
     async def _timed_load(self, runtime: Runtime, spec: ModelSpec, placement: Placement) -> LoadedModel:
         """The runtime's load, abandoned after ``load_timeout_s`` (its thread may run on, but the
-        model is reported unavailable and its reservation released)."""
+        model is reported unavailable and its reservation released). A long load logs that it is
+        still going every ``LOAD_PROGRESS_S``."""
         timeout = self.settings.load_timeout_s
+        progress = asyncio.create_task(_log_load_progress(spec, placement), name=f"progress {spec.name}")
         try:
             return await asyncio.wait_for(runtime.load(spec, placement), timeout)
         except TimeoutError:
             raise ModelLoadError(f"loading did not finish within {timeout:g} s (load_timeout_s)") from None
+        finally:
+            progress.cancel()
 
     async def _restore(self, entry: ModelEntry, placement: Placement) -> None:
         """Bring a model parked in host RAM back onto a GPU."""
@@ -588,6 +593,14 @@ class ModelManager:
             timeout_s=spec.config.timeout_s if spec.config.timeout_s is not None else s.infer_timeout_s,
             adaptive_fill=s.adaptive_fill if batching.adaptive_fill is None else batching.adaptive_fill,
         )
+
+
+async def _log_load_progress(spec: ModelSpec, placement: Placement) -> None:
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(LOAD_PROGRESS_S)
+        log.info("model %s:%s still loading onto %s (%.0f s so far)", spec.name, spec.version,
+                 placement.device, time.monotonic() - started)
 
 
 def _check_may_load(entry: ModelEntry) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from mmserver.devices import Device, MemoryReading
 from mmserver.errors import InsufficientMemory, ModelNotReady
+from mmserver import manager as manager_module
 from mmserver.manager import ModelManager
 from mmserver.memory import Candidate, choose_victims, resolve_budget
 from mmserver.runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry
@@ -346,6 +347,29 @@ async def test_the_first_model_on_a_gpu_is_not_charged_with_the_cuda_context(tmp
     try:
         assert gpu.ours == 500 * MiB  # the context and two models...
         assert manager.ledger.held("a:1") == manager.ledger.held("b:1") == {"cuda:0": 100 * MiB}  # ...charged apart
+    finally:
+        await manager.stop()
+
+
+async def test_a_long_load_logs_that_it_is_still_going(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(manager_module, "LOAD_PROGRESS_S", 0.05)
+    write_model(tmp_path, "a", 100, "load: lazy\n")
+    manager, _, runtime = make_manager(tmp_path)
+    load = runtime.load
+
+    async def slow_load(spec, placement):
+        await asyncio.sleep(0.3)
+        return await load(spec, placement)
+
+    runtime.load = slow_load
+    await manager.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="mmserver.manager"):
+            await manager.infer(manager.entry("a"), request())
+            await asyncio.sleep(0.2)  # no progress lines once it is loaded
+        lines = [r.getMessage() for r in caplog.records if "still loading" in r.getMessage()]
+        assert lines and all(line.startswith("model a:1 still loading onto cuda:0 (") for line in lines)
+        assert len(lines) <= 0.3 / 0.05 + 1
     finally:
         await manager.stop()
 
