@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ..codec import encode_json
 
@@ -67,7 +67,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         the JSON error body every other bad request gets."""
         self._answer_and_close(b"400 Bad Request", f"malformed HTTP request: {msg}")
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
         """uvicorn's answer at the connection cap (``--max-connections``) as a JSON error."""
         super()._start_asgi_task(cycle, _over_the_connection_cap if app is service_unavailable else app)
 
@@ -91,7 +91,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-async def _over_the_connection_cap(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+async def _over_the_connection_cap(scope: Scope, receive: Receive, send: Send) -> None:
     body = encode_json({"error": "the server is at its connection cap (max_connections); retry later"})
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
