@@ -60,10 +60,6 @@ class Unauthorized(MMServerError):
     """Missing or wrong credentials."""
 
 
-class RequestTimeout(MMServerError):
-    """The client did not send its request in time."""
-
-
 class Forbidden(MMServerError):
     """The server's settings do not allow this operation."""
 
@@ -83,7 +79,6 @@ HTTP_STATUS: dict[type[MMServerError], int] = {
     ModelNotFound: 404,
     RouteNotFound: 404,
     MethodNotAllowed: 405,
-    RequestTimeout: 408,
     PayloadTooLarge: 413,
     Overloaded: 429,
     ClientDisconnected: 499,

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0, description="Close idle keep-alive connections after this long.")
     request_read_timeout_s: float = Field(
         30.0, gt=0,
-        description="A request's head, and then its body, must arrive within this long (else 408).",
+        description="A request's head and body must arrive within this long of its first byte (else 408).",
     )
     load_timeout_s: float = Field(
         600.0, gt=0, description="A model load that takes longer is abandoned; the model is unavailable."

@@ -374,6 +374,27 @@ def test_connections_that_never_send_a_request_are_closed_too(capped_server):
             sock.close()
 
 
+def test_blank_lines_that_start_no_request_do_not_keep_a_connection_open(capped_server):
+    """HTTP parsers skip empty lines before a request, and each byte stops uvicorn's own idle
+    timer: a client sending a line break every 0.3 s must still be closed as idle."""
+    url = capped_server.url
+    sockets = open_idle(url, MAX_CONNECTIONS - 1, first_request=True)  # the cap counts the asker too
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < KEEP_ALIVE_S + 1.5:
+            for sock in sockets:
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        assert all(closed_by_server(sock) for sock in sockets)
+        assert one_request(url) == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def test_headers_trickled_in_slowly_do_not_hold_a_connection_forever(capped_server):
     """Slowloris: request heads sent a byte at a time. Each must be complete within
     ``--request-read-timeout-s`` or the connection is closed."""

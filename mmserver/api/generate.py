@@ -66,8 +66,7 @@ def manager_of(request: Request) -> ModelManager:
 async def read_json(request: Request) -> Any:
     """The request body as JSON (400 when it is not)."""
     settings = request.app.state.settings
-    body = await read_body(request.receive, request.headers.get("content-length"), settings.max_request_bytes,
-                           settings.request_read_timeout_s)
+    body = await read_body(request.receive, request.headers.get("content-length"), settings.max_request_bytes)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

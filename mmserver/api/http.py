@@ -3,12 +3,11 @@ bounded body, and the one mapping from errors to status, headers and JSON body."
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..codec import encode_json
-from ..errors import ClientDisconnected, MMServerError, PayloadTooLarge, RequestTimeout, http_status
+from ..errors import ClientDisconnected, MMServerError, PayloadTooLarge, http_status
 
 JSON = "application/json"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -22,20 +21,12 @@ def error_parts(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
     return http_status(error), headers, encode_json({"error": error.message})
 
 
-async def read_body(receive: Receive, declared_length: str | None, limit: int, timeout_s: float) -> bytes:
+async def read_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:
     """The request body, refusing with 413 as soon as it is known to exceed ``limit`` bytes
-    (before reading it when Content-Length says so), and with 408 when it is not complete
-    within ``timeout_s`` (a client trickling its body must not hold a request slot forever)."""
+    (before reading it when Content-Length says so). A body that does not arrive in time is
+    the HTTP protocol's to answer (408, ``api/protocol.py``)."""
     if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
         raise PayloadTooLarge(f"request body of {declared_length} bytes exceeds the {limit}-byte limit")
-    try:
-        async with asyncio.timeout(timeout_s):  # a timer, not a task: cheap on the hot path
-            return await _read_chunks(receive, limit)
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
-
-
-async def _read_chunks(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

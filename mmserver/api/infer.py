@@ -98,7 +98,7 @@ class InferenceRoute:
             elif key == _TIMEOUT_HEADER:
                 timeout_header = value.decode("latin-1")
         settings = self.state.settings
-        body = await read_body(receive, declared, settings.max_request_bytes, settings.request_read_timeout_s)
+        body = await read_body(receive, declared, settings.max_request_bytes)
         request = decode_request(body, binary_length)
         deadline = request_deadline(request.parameters.get("timeout"), timeout_header)
         response = await self.state.manager.infer(entry, request, deadline, _disconnect_probe(receive))

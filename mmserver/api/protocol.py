@@ -1,13 +1,15 @@
-"""uvicorn's HTTP protocol with a deadline on request heads.
+"""uvicorn's HTTP protocol with a deadline on every request, and responses sent in one write.
 
 uvicorn arms its keep-alive timer only once a response is complete, and cancels it on any byte
-that arrives: a connection that never sends a request, or sends its head a byte at a time
-(slowloris), is held for ever, and under ``--max-connections`` a handful of such sockets lock
-every other client out with 503. This protocol gives every connection a deadline for its next
-request head: ``keep_alive_s`` of silence before a request starts (uvicorn's own idle limit,
-which now also covers a fresh connection), then ``request_read_timeout_s`` for the request line
-and headers once their first byte has come. Past it, a half-sent head gets 408 and the
-connection is closed. Bodies are bounded by the application (``read_body``).
+that arrives: a connection that never sends a request, or sends its head or body a byte at a
+time (slowloris), is held for ever, and under ``--max-connections`` a handful of such sockets
+lock every other client out with 503. This protocol closes a fresh connection that sends
+nothing for ``keep_alive_s`` (uvicorn's own idle limit covers the time between requests) and
+gives every request ``request_read_timeout_s`` from its first byte to its last: past it, the
+client gets 408 and the connection is closed.
+
+The deadline costs nothing for the usual request, whose head and body arrive in one read: a
+timer is armed only when a read ends with a request still incomplete.
 """
 
 from __future__ import annotations
@@ -21,46 +23,64 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from ..codec import encode_json
 
 
-class HeadDeadlineProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` whose connections must deliver each request head in time."""
+class RequestDeadlineProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` whose connections must deliver each request in time."""
 
-    head_timeout_s: float = 30.0  # set per server by ``http_protocol``
+    request_timeout_s: float = 30.0  # set per server by ``http_protocol``
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_started = False
+        self._began: float | None = None  # loop time of the first byte of a request still arriving
+        self._head_done = False
+        self._timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._arm(self.timeout_keep_alive, head_started=False)
+        self._timer = self.loop.call_later(self.timeout_keep_alive, self._idle_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._timer is None and not self.transport.is_closing():
+            if self._began is not None:
+                self._timer = self.loop.call_at(self._began + self.request_timeout_s, self._request_timed_out)
+            elif self.cycle is None or self.cycle.response_complete:
+                # bytes that start no request (blank lines) stopped uvicorn's keep-alive timer
+                self._timer = self.loop.call_later(self.timeout_keep_alive, self._idle_timed_out)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm(self.head_timeout_s, head_started=True)
+        self._disarm()
+        self._began = self.loop.time()
+        self._head_done = False
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._head_done = True
         super().on_headers_complete()
 
-    def on_response_complete(self) -> None:
-        pipelined = bool(self.pipeline)  # a request whose head is complete starts now
-        super().on_response_complete()
-        if not pipelined and self._head_timer is None and not self.transport.is_closing():
-            # uvicorn's keep-alive timer stops at the first byte of the next request; this one
-            # runs on until that request's head is complete
-            self._arm(self.timeout_keep_alive, head_started=False)
-
-    def _arm(self, seconds: float, head_started: bool) -> None:
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._began = None
         self._disarm()
-        self._head_started = head_started
-        self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _request_timed_out(self) -> None:
+        self._timer = None
+        if self._began is None or self.transport.is_closing():
+            return
+        part = "body" if self._head_done else "head"
+        self._answer_and_close(
+            b"408 Request Timeout", f"the request {part} did not arrive within {self.request_timeout_s:g} s"
+        )
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request it cannot parse (bad framing, invalid characters), as
@@ -68,7 +88,9 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._answer_and_close(b"400 Bad Request", f"malformed HTTP request: {msg}")
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
-        """uvicorn's answer at the connection cap (``--max-connections``) as a JSON error."""
+        """Every response's head leaves with its body (``HeadWithBody``); uvicorn's answer at
+        the connection cap (``--max-connections``) is a JSON error."""
+        cycle.transport = HeadWithBody(cycle.transport, self.loop)
         super()._start_asgi_task(cycle, _over_the_connection_cap if app is service_unavailable else app)
 
     def _answer_and_close(self, status: bytes, message: str) -> None:
@@ -79,16 +101,53 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         )
         self.transport.close()
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self._head_started:
-            self._answer_and_close(
-                b"408 Request Timeout", f"the request head did not arrive within {self.head_timeout_s:g} s"
-            )
+
+class HeadWithBody:
+    """The connection's transport as one request cycle sees it, sending the response head with
+    the body's first bytes.
+
+    uvicorn writes a response's head and its body in two ``write`` calls: two sends on the socket,
+    two segments, and a client that wakes for the head only to wait for the body. This holds the
+    cycle's first write (the head) until its next one and sends both in one system call; a head
+    with no body in the same loop turn (a stream whose first event is not ready, a HEAD request)
+    is sent at the end of that turn.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held", "_first")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+        elif self._held is not None:
+            head, self._held = self._held, None
+            self._transport.writelines((head, data))
         else:
-            self.transport.close()
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Send the held head, if it is still held."""
+        if self._held is not None:
+            head, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._transport.get_extra_info(name, default)
 
 
 async def _over_the_connection_cap(scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,6 +159,6 @@ async def _over_the_connection_cap(scope: Scope, receive: Receive, send: Send) -
     await send({"type": "http.response.body", "body": body})
 
 
-def http_protocol(head_timeout_s: float) -> type[HeadDeadlineProtocol]:
-    """The protocol class for one server, with its head deadline (``request_read_timeout_s``)."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+def http_protocol(request_timeout_s: float) -> type[RequestDeadlineProtocol]:
+    """The protocol class for one server, with its request deadline (``request_read_timeout_s``)."""
+    return type("RequestDeadlineProtocol", (RequestDeadlineProtocol,), {"request_timeout_s": request_timeout_s})

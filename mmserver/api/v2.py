@@ -58,8 +58,7 @@ async def model_ready(request: Request) -> Response:
 
 async def repository_index(request: Request) -> Response:
     """Every model version; with body ``{"ready": true}`` only the ready ones."""
-    body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT,
-                           request.app.state.settings.request_read_timeout_s)
+    body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT)
     rows = _manager(request).index()
     if body.strip():
         try:
