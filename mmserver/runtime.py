@@ -210,6 +210,10 @@ async def run_sync(func: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
 
+#: an inline call's wall time counts as this many times less than its CPU time (see AdaptiveExecutor)
+INLINE_WALL_SHARE = 10
+
+
 class AdaptiveExecutor:
     """Runs one model's synchronous compute inline while it is measured cheap, else on the pool.
 
@@ -220,6 +224,12 @@ class AdaptiveExecutor:
     that could hang) runs inline while the recent cost per call stays under ``budget_s``. The cost
     estimate jumps to any slow call at once and decays by 10% per call, so one slow batch sends
     the next ones back to the pool until they are cheap again.
+
+    The cost is the CPU time of the call on its thread. Wall time would also count what is not
+    the model's: on the pool, the waits for the GIL that the busy event loop holds (up to the
+    5 ms switch interval each), and inline, the moments the OS gives the core to another
+    process; a cheap model would then look expensive and stay on the pool. An inline call that
+    blocks without using CPU still counts: at a tenth of its wall time.
     """
 
     def __init__(self, inline_allowed: bool, budget_s: float = 0.0005) -> None:
@@ -232,16 +242,18 @@ class AdaptiveExecutor:
         return self.inline_allowed and self.recent_cost_s < self.budget_s
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
-        if self.inline:
-            return self._timed(func, *args)
-        return await run_sync(self._timed, func, *args)
+        if not self.inline:
+            return await run_sync(self._timed, False, func, *args)
+        return self._timed(True, func, *args)
 
-    def _timed(self, func: Callable[..., T], *args: Any) -> T:
-        started = time.perf_counter()
+    def _timed(self, inline: bool, func: Callable[..., T], *args: Any) -> T:
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             return func(*args)
         finally:
-            cost = time.perf_counter() - started
+            cost = time.thread_time() - cpu
+            if inline:
+                cost = max(cost, (time.perf_counter() - wall) / INLINE_WALL_SHARE)
             decayed = self.recent_cost_s * 0.9 if self.recent_cost_s != float("inf") else cost
             self.recent_cost_s = max(cost, decayed)
 
