@@ -421,4 +421,9 @@ def split_rows(array: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
         raise InferenceError(f"the model returned {rows} rows for a batch of {sum(counts)}")
     if len(counts) == 1:
         return [array]
-    return np.split(array, np.cumsum(counts)[:-1])
+    parts = []
+    start = 0
+    for count in counts:  # plain slices: np.split costs ~10 µs for a batch of 8
+        parts.append(array[start:start + count])
+        start += count
+    return parts
