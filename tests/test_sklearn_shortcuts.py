@@ -1,5 +1,5 @@
-"""The scikit-learn runtime's shortcuts (the tree ensembles' fast path, predict taken from
-predict_proba) answer exactly what the estimator itself does."""
+"""The scikit-learn runtime's shortcuts (the tree ensembles' and linear models' fast paths,
+predict taken from predict_proba) answer exactly what the estimator itself does."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from sklearn.ensemble import (
     RandomForestClassifier,
     RandomForestRegressor,
 )
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import ElasticNet, Lasso, LinearRegression, LogisticRegression, Ridge, SGDClassifier
+from sklearn.svm import LinearSVC
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mmserver_sklearn import SKLearnModel
 from mmserver_sklearn.forest import forest_predictor
+from mmserver_sklearn.linear import linear_predictor
 
 
 def _data(n_features: int = 12, rows: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,10 +43,16 @@ FORESTS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FORESTS))
-def forest(request):
-    x, target = _data()
-    return FORESTS[request.param](x, target)
+def _fitted(builders: dict):
+    """A module fixture: each of ``builders`` fitted on the same data."""
+    @pytest.fixture(scope="module", params=sorted(builders))
+    def fixture(request):
+        x, target = _data()
+        return builders[request.param](x, target)
+    return fixture
+
+
+forest = _fitted(FORESTS)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
@@ -103,11 +111,76 @@ def test_a_forest_whose_own_answer_differs_keeps_its_own_methods():
     assert forest_predictor(forest) is None
 
 
+# ----------------------------------------------------------------------------- linear models
+
+LINEAR = {
+    "lr-binary": lambda x, t: LogisticRegression().fit(x, t > 0),
+    "lr-3-classes": lambda x, t: LogisticRegression(max_iter=500).fit(x, _classes(t, np.arange(3))),
+    "lr-string-labels": lambda x, t: LogisticRegression(C=0.1).fit(x, _classes(t, np.array(["a", "b", "c", "d"]))),
+    "lr-liblinear-ovr": lambda x, t: LogisticRegression(solver="liblinear").fit(x, t > 1),
+    "linear-regression": lambda x, t: LinearRegression().fit(x, t),
+    "ridge": lambda x, t: Ridge(alpha=2.0).fit(x, t),
+    "lasso": lambda x, t: Lasso(alpha=0.05).fit(x, t),
+    "elastic-net": lambda x, t: ElasticNet(alpha=0.05, fit_intercept=False).fit(x, t),
+}
+
+
+linear = _fitted(LINEAR)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_linear_fast_path_is_bit_identical_to_the_estimator(linear, rows):
+    predictor = linear_predictor(linear, np.dtype(np.float64))
+    assert predictor is not None
+    matrix = _data(seed=rows, rows=max(rows, 10))[0][:rows] * 3.0
+    outputs = ["predict", "predict_proba"] if hasattr(linear, "classes_") else ["predict"]
+    ours = predictor(matrix, outputs)
+    for name in outputs:
+        own = getattr(linear, name)(matrix)
+        assert ours[name].dtype == own.dtype
+        np.testing.assert_array_equal(ours[name], own)
+
+
+def test_the_runtime_serves_linear_models_through_the_fast_path(linear):
+    model = SKLearnModel(linear, host_bytes=0)
+    assert model._linear is not None
+    matrix = _data(seed=21)[0][:40]
+    names = [spec.name for spec in model.metadata().outputs]
+    for asked in ([name] for name in names):  # each output alone, then all together
+        np.testing.assert_array_equal(model.predict(matrix, asked)[asked[0]], getattr(linear, asked[0])(matrix))
+    result = model.predict(matrix, names)
+    for name in names:
+        np.testing.assert_array_equal(result[name], getattr(linear, name)(matrix))
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda x, t: make_pipeline(StandardScaler(), LogisticRegression()).fit(x, t > 0), id="pipeline"),
+    pytest.param(lambda x, t: Ridge().fit(x, np.column_stack([t, -t])), id="two-outputs"),
+    pytest.param(lambda x, t: LinearSVC().fit(x, t > 0), id="svm"),
+    pytest.param(lambda x, t: SGDClassifier(loss="log_loss").fit(x, t > 0), id="sgd"),
+])
+def test_linear_models_outside_its_scope_keep_their_own_methods(build):
+    x, target = _data(rows=200)
+    assert linear_predictor(build(x, target), np.dtype(np.float64)) is None
+
+
+def test_a_linear_model_whose_own_answer_differs_keeps_its_own_methods():
+    x, target = _data(rows=200)
+    estimator = LogisticRegression().fit(x, target > 0)
+    # Stands in for a scikit-learn release that computes probabilities differently: the
+    # estimator's own answer is nudged by one rounding step, so the load-time probe must disagree.
+    own = estimator.predict_proba
+    estimator.predict_proba = lambda matrix: np.nextafter(own(matrix), 2.0)
+    assert linear_predictor(estimator, np.dtype(np.float64)) is None
+
+
 # ----------------------------------------------------------------------------- predict from predict_proba
 
 
-def _both_outputs(estimator, matrix: np.ndarray) -> dict[str, np.ndarray]:
+def _both_outputs(estimator, matrix: np.ndarray, fast_path: bool = True) -> dict[str, np.ndarray]:
     model = SKLearnModel(estimator, host_bytes=0)
+    if not fast_path:
+        model._linear = None  # the path of a pipeline that ends in a logistic regression
     return model.predict(matrix, ["predict", "predict_proba"])
 
 
@@ -131,7 +204,8 @@ def test_logistic_regression_labels_from_its_probabilities_match_its_predict(bui
     pytest.param([0.0, 1e-20], id="binary: a positive decision too small to move the probability off 0.5"),
     pytest.param([0.0, 1e-17, -5.0], id="3 classes: two decisions one rounding apart"),
 ])
-def test_rows_whose_top_probabilities_tie_get_the_estimators_own_label(decision):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["linear fast path", "labels from probabilities"])
+def test_rows_whose_top_probabilities_tie_get_the_estimators_own_label(decision, fast_path):
     """Weights set by hand so that one row's decision values differ by less than the rounding of
     its probabilities: argmax(predict_proba) alone would name the wrong class."""
     classes = len(decision)
@@ -146,4 +220,4 @@ def test_rows_whose_top_probabilities_tie_get_the_estimators_own_label(decision)
     proba = estimator.predict_proba(row)
     assert np.count_nonzero(proba == proba.max()) == 2  # the probabilities tie...
     assert estimator.predict(row)[0] == 1 != np.argmax(proba)  # ...but the decision does not
-    assert _both_outputs(estimator, row)["predict"].tolist() == [1]
+    assert _both_outputs(estimator, row, fast_path)["predict"].tolist() == [1]

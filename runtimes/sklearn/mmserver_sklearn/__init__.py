@@ -21,6 +21,7 @@ from mmserver.tabular import TabularModel
 from mmserver.types import TensorSpec
 
 from .forest import forest_predictor
+from .linear import linear_predictor
 
 SUFFIXES = (".joblib", ".pkl", ".pickle")
 # How predict() relates to predict_proba(), so that one predict_proba call can yield both outputs
@@ -98,13 +99,15 @@ class SKLearnModel(TabularModel):
         self._argmax_but_ties = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA_BUT_TIES
         # predict_proba of a forest classifier, predict of a forest regressor, or None
         self._forest = forest_predictor(estimator)
+        # tree ensembles work in float32; giving them float32 saves a copy per batch
+        input_dtype = np.float32 if hasattr(final, "tree_") or hasattr(final, "estimators_") else np.float64
+        self._linear = linear_predictor(estimator, np.dtype(input_dtype))
         names = getattr(estimator, "feature_names_in_", None)
         super().__init__(
             platform="sklearn",
             n_features=getattr(estimator, "n_features_in_", None),
             outputs=outputs,
-            # tree ensembles work in float32; giving them float32 saves a copy per batch
-            input_dtype=np.float32 if hasattr(final, "tree_") or hasattr(final, "estimators_") else np.float64,
+            input_dtype=input_dtype,
             feature_names=[str(n) for n in names] if names is not None else None,
             host_bytes=host_bytes,
             inline_allowed=_library_code_only(estimator),
@@ -112,9 +115,18 @@ class SKLearnModel(TabularModel):
         )
 
     def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        if self._linear is not None:
+            result = self._linear(matrix, outputs)
+        elif self._forest is not None and self.classes is None:  # a forest regressor
+            result = {"predict": self._forest(matrix)} if "predict" in outputs else {}
+        else:
+            result = self._estimator_outputs(matrix, outputs)
+        if "predict" in result and self._label_dtype is not None:
+            result["predict"] = result["predict"].astype(self._label_dtype, copy=False)
+        return result
+
+    def _estimator_outputs(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
-        if self._forest is not None and self.classes is None:
-            return {"predict": self._forest(matrix)} if "predict" in outputs else {}
         from_proba = "predict" in outputs and (self._argmax_of_proba or self._argmax_but_ties)
         if "predict_proba" in outputs or from_proba:
             proba = self._forest(matrix) if self._forest is not None else self.estimator.predict_proba(matrix)
@@ -124,8 +136,6 @@ class SKLearnModel(TabularModel):
                 result["predict"] = self._labels_of(proba, matrix)
         if "predict" in outputs and "predict" not in result:
             result["predict"] = np.asarray(self.estimator.predict(matrix))
-        if "predict" in result and self._label_dtype is not None:
-            result["predict"] = result["predict"].astype(self._label_dtype, copy=False)
         return result
 
     def _labels_of(self, proba: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -143,6 +153,7 @@ class SKLearnModel(TabularModel):
     async def unload(self) -> None:
         self.estimator = None
         self._forest = None
+        self._linear = None
         await super().unload()
 
 
