@@ -1,9 +1,10 @@
 """XGBoost runtime for mmserver: native JSON / UBJSON / binary Boosters, including models saved
 through the scikit-learn API (``XGBClassifier.save_model``).
 
-Batches run through ``Booster.inplace_predict`` (no DMatrix per request). Classifiers offer
-``predict`` (labels) and ``predict_proba``, computed from one prediction; other objectives offer
-``predict``. xgboost is imported only when a model loads.
+Batches run through XGBoost's dense in-place prediction with one proxy DMatrix per model
+(``dense.py``; ``Booster.inplace_predict`` where that path is unavailable), never a DMatrix per
+request. Classifiers offer ``predict`` (labels) and ``predict_proba``, computed from one
+prediction; other objectives offer ``predict``. xgboost is imported only when a model loads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from mmserver.runtime import HOST, IMPORT_LOCK, Placement, Runtime, files_with_s
 from mmserver.spec import ModelSpec
 from mmserver.tabular import TabularModel
 from mmserver.types import TensorSpec
+
+from .dense import dense_predictor
 
 SUFFIXES = (".ubj", ".bst", ".json", ".model", ".xgb")
 _SNIFF_BYTES = 4096
@@ -64,14 +67,15 @@ def _load(path: Path, threads: int) -> XGBoostModel:
     booster = xgb.Booster()
     booster.load_model(str(path))
     booster.set_param({"nthread": threads})
-    return XGBoostModel(booster, path.stat().st_size)
+    return XGBoostModel(booster, path.stat().st_size, threads)
 
 
 class XGBoostModel(TabularModel):
     """A loaded Booster."""
 
-    def __init__(self, booster: Any, host_bytes: int) -> None:
+    def __init__(self, booster: Any, host_bytes: int, threads: int = 1) -> None:
         self.booster = booster
+        self._dense = dense_predictor(booster, threads)
         learner = json.loads(booster.save_config())["learner"]
         self.objective: str = learner["objective"]["name"]
         sklearn_meta = _sklearn_attributes(booster)
@@ -94,7 +98,10 @@ class XGBoostModel(TabularModel):
         )
 
     def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        raw = self.booster.inplace_predict(matrix, validate_features=False)
+        if self._dense is not None:
+            raw = self._dense(matrix)
+        else:
+            raw = self.booster.inplace_predict(matrix, validate_features=False)
         if not self.is_classifier:
             return {"predict": raw}
         if self.objective == "binary:logistic":
@@ -112,6 +119,9 @@ class XGBoostModel(TabularModel):
         return result
 
     async def unload(self) -> None:
+        if self._dense is not None:
+            self._dense.close()
+            self._dense = None
         self.booster = None
         await super().unload()
 
