@@ -265,8 +265,8 @@ async def test_wrong_number_of_responses_fails_the_batch():
 
 
 async def test_adaptive_fill_waits_for_the_callers_of_the_previous_batch():
-    model = RowEcho(delay=0.5)  # a slow model: 20% of its batch time is a 100 ms fill window
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, adaptive_fill_cap_s=0.5), "m:1")
+    model = RowEcho(delay=0.5)  # a slow model: the fill window is the 100 ms cap
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, adaptive_fill_cap_s=0.1), "m:1")
     first = await blocked(batcher, model)
     previous = [asyncio.create_task(batcher.submit(request(f"p{i}", [float(i)]))) for i in range(3)]
     await asyncio.sleep(0)
