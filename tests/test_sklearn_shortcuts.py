@@ -14,8 +14,9 @@ from sklearn.ensemble import (
 )
 from sklearn.linear_model import ElasticNet, Lasso, LinearRegression, LogisticRegression, Ridge, SGDClassifier
 from sklearn.svm import LinearSVC
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.decomposition import PCA
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from mmserver_sklearn import SKLearnModel
 from mmserver_sklearn.forest import forest_predictor
@@ -122,6 +123,10 @@ LINEAR = {
     "ridge": lambda x, t: Ridge(alpha=2.0).fit(x, t),
     "lasso": lambda x, t: Lasso(alpha=0.05).fit(x, t),
     "elastic-net": lambda x, t: ElasticNet(alpha=0.05, fit_intercept=False).fit(x, t),
+    "scaled-lr": lambda x, t: make_pipeline(StandardScaler(), LogisticRegression()).fit(x, _classes(t, np.arange(3))),
+    "scaled-twice-ridge": lambda x, t: Pipeline([
+        ("center", StandardScaler(with_std=False)), ("skip", "passthrough"),
+        ("scale", StandardScaler(with_mean=False)), ("ridge", Ridge())]).fit(x * 50.0 + 3.0, t),
 }
 
 
@@ -154,7 +159,8 @@ def test_the_runtime_serves_linear_models_through_the_fast_path(linear):
 
 
 @pytest.mark.parametrize("build", [
-    pytest.param(lambda x, t: make_pipeline(StandardScaler(), LogisticRegression()).fit(x, t > 0), id="pipeline"),
+    pytest.param(lambda x, t: make_pipeline(MinMaxScaler(), LogisticRegression()).fit(x, t > 0), id="min-max-scaled"),
+    pytest.param(lambda x, t: make_pipeline(StandardScaler(), PCA(3), Ridge()).fit(x, t), id="pca"),
     pytest.param(lambda x, t: Ridge().fit(x, np.column_stack([t, -t])), id="two-outputs"),
     pytest.param(lambda x, t: LinearSVC().fit(x, t > 0), id="svm"),
     pytest.param(lambda x, t: SGDClassifier(loss="log_loss").fit(x, t > 0), id="sgd"),
@@ -180,7 +186,7 @@ def test_a_linear_model_whose_own_answer_differs_keeps_its_own_methods():
 def _both_outputs(estimator, matrix: np.ndarray, fast_path: bool = True) -> dict[str, np.ndarray]:
     model = SKLearnModel(estimator, host_bytes=0)
     if not fast_path:
-        model._linear = None  # the path of a pipeline that ends in a logistic regression
+        model._linear = None  # the path of a logistic regression after steps the fast path lacks
     return model.predict(matrix, ["predict", "predict_proba"])
 
 

@@ -1,4 +1,5 @@
-"""A faster predict for scikit-learn's linear models (logistic regression, linear regressors).
+"""A faster predict for scikit-learn's linear models (logistic regression, linear regressors),
+alone or after standard scaling in a pipeline.
 
 A linear model's answer is one matrix product, a few microseconds for a small batch, but every
 call to its ``predict`` or ``predict_proba`` first validates the input (dtype, finiteness,
@@ -6,7 +7,8 @@ feature names, dataframe detection), which costs ~90 µs whatever the batch size
 validated the tensor already, so this computes the same expressions directly: the decision
 ``X @ coef_.T + intercept_``, labels by its argmax (or its sign for two classes), probabilities
 by softmax (multinomial) or the logistic function (two classes), in scikit-learn's order of
-operations. One decision serves both outputs when both are asked.
+operations, after the pipeline's ``StandardScaler`` steps (subtract the mean, divide by the
+scale). One decision serves both outputs when both are asked.
 
 As for the forests, the fast path is switched on only after it reproduced the estimator's own
 outputs bit for bit on probe rows at load time.
@@ -25,9 +27,11 @@ _PROBE_ROWS = 32
 
 
 class LinearPredictor:
-    """``predict`` (and ``predict_proba`` for a classifier) of a fitted linear model."""
+    """``predict`` (and ``predict_proba`` for a classifier) of a fitted linear model, after
+    ``scalers``: the (mean or None, scale or None) of each standard scaling step before it."""
 
-    def __init__(self, estimator: Any) -> None:
+    def __init__(self, estimator: Any, scalers: Sequence[tuple[np.ndarray | None, np.ndarray | None]] = ()) -> None:
+        self.scalers = list(scalers)
         coef = np.asarray(estimator.coef_)
         self.coef_t = coef.T if coef.ndim == 2 else coef
         self.intercept = estimator.intercept_
@@ -39,6 +43,11 @@ class LinearPredictor:
 
     def __call__(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """The named outputs (``predict``, ``predict_proba``) for every row of ``matrix``."""
+        for mean, scale in self.scalers:
+            if mean is not None:
+                matrix = matrix - mean
+            if scale is not None:
+                matrix = matrix / scale
         scores = matrix @ self.coef_t + self.intercept
         if scores.ndim == 2 and scores.shape[1] == 1:
             scores = scores.reshape(-1)
@@ -67,24 +76,45 @@ def linear_predictor(estimator: Any, dtype: np.dtype) -> LinearPredictor | None:
     """The fast path for ``estimator`` fed ``dtype`` matrices, or None where it does not apply
     or does not match the estimator's own outputs exactly.
 
-    It applies to a bare scikit-learn logistic regression, or a linear, ridge, lasso or elastic
-    net regressor with one output.
+    It applies to a scikit-learn logistic regression, or a linear, ridge, lasso or elastic net
+    regressor with one output, alone or as the last step of a pipeline whose other steps are
+    standard scalers (or ``"passthrough"``).
     """
-    name = type(estimator).__name__
+    *preceding, final = _steps(estimator)
+    name = type(final).__name__
     if (name not in _CLASSIFIERS + _REGRESSORS
-            or not type(estimator).__module__.startswith("sklearn.")
-            or np.ndim(estimator.coef_) > (2 if name in _CLASSIFIERS else 1)):
+            or not _from_sklearn(final)
+            or np.ndim(final.coef_) > (2 if name in _CLASSIFIERS else 1)
+            or not all(type(step).__name__ == "StandardScaler" and _from_sklearn(step) for step in preceding)):
         return None
-    predictor = LinearPredictor(estimator)
+    predictor = LinearPredictor(final, [_scaling(step, dtype) for step in preceding])
     probe = _probe_rows(int(estimator.n_features_in_), dtype)
     outputs = ("predict", "predict_proba") if predictor.classes is not None else ("predict",)
     for rows in (probe[:1], probe):  # one row and a batch: numpy may take other paths for each
         ours = predictor(rows, outputs)
-        for name in outputs:
-            own = getattr(estimator, name)(rows)
-            if ours[name].dtype != own.dtype or not np.array_equal(ours[name], own):
+        for output in outputs:
+            own = getattr(estimator, output)(rows)
+            if ours[output].dtype != own.dtype or not np.array_equal(ours[output], own):
                 return None
     return predictor
+
+
+def _steps(estimator: Any) -> list[Any]:
+    """A pipeline's estimators in order, skipping ``"passthrough"`` steps; else the estimator."""
+    if type(estimator).__name__ == "Pipeline" and _from_sklearn(estimator):
+        return [step for _, step in estimator.steps if step not in (None, "passthrough")]
+    return [estimator]
+
+
+def _from_sklearn(estimator: Any) -> bool:
+    return type(estimator).__module__.startswith("sklearn.")
+
+
+def _scaling(scaler: Any, dtype: np.dtype) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A fitted StandardScaler's mean and scale (None where it does not apply them)."""
+    mean = np.asarray(scaler.mean_, dtype=dtype) if scaler.with_mean else None
+    scale = np.asarray(scaler.scale_, dtype=dtype) if scaler.with_std else None
+    return mean, scale
 
 
 def _probe_rows(n_features: int, dtype: np.dtype) -> np.ndarray:
