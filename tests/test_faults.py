@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -309,16 +310,23 @@ def one_request(url: str) -> int:
     return send(url, raw, timeout=5).status
 
 
-def open_idle(url: str, count: int, first_request: bool) -> list[socket.socket]:
+@contextmanager
+def idle_connections(url: str, count: int, first_request: bool) -> Iterator[list[socket.socket]]:
+    """``count`` open connections that send nothing more (after one request with
+    ``first_request``: keep-alive connections idling), closed when the block ends."""
     sockets = []
-    for _ in range(count):
-        sock = connect(url, timeout=10)
-        if first_request:  # a keep-alive connection that made one request and now idles
-            sock.sendall(request_bytes("GET", "/v2/health/live"))
-            assert read_response(sock).status == 200
-        sockets.append(sock)
-    time.sleep(0.1)
-    return sockets
+    try:
+        for _ in range(count):
+            sock = connect(url, timeout=10)
+            sockets.append(sock)
+            if first_request:
+                sock.sendall(request_bytes("GET", "/v2/health/live"))
+                assert read_response(sock).status == 200
+        time.sleep(0.1)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -337,25 +345,21 @@ def closed_by_server(sock: socket.socket) -> bool:
 def test_the_connection_cap_answers_503_and_frees_up_when_idle_clients_leave(capped_server):
     url = capped_server.url
     assert one_request(url) == 200
-    idle = open_idle(url, MAX_CONNECTIONS, first_request=False)
-    response = send(url, request_bytes("GET", "/v2/health/live", headers={"Connection": "close"}), timeout=5)
+    with idle_connections(url, MAX_CONNECTIONS, first_request=False):
+        response = send(url, request_bytes("GET", "/v2/health/live", headers={"Connection": "close"}), timeout=5)
     assert response.status == 503, response.body
     assert "connection cap" in response.error() and response.headers.get("retry-after") == "1"
-    for sock in idle:
-        sock.close()
     wait_until(lambda: one_request(url) == 200, timeout=3, interval=0.1, what="a normal request to succeed")
 
 
 def test_idle_keep_alive_connections_are_closed_after_keep_alive_s(capped_server):
     url = capped_server.url
     # the cap counts the connection asking too: cap - 1 idle ones leave no room
-    idle = open_idle(url, MAX_CONNECTIONS - 1, first_request=True)
-    assert one_request(url) == 503
-    time.sleep(KEEP_ALIVE_S + 0.5)
-    assert all(closed_by_server(sock) for sock in idle)
-    assert one_request(url) == 200
-    for sock in idle:
-        sock.close()
+    with idle_connections(url, MAX_CONNECTIONS - 1, first_request=True) as idle:
+        assert one_request(url) == 503
+        time.sleep(KEEP_ALIVE_S + 0.5)
+        assert all(closed_by_server(sock) for sock in idle)
+        assert one_request(url) == 200
 
 
 def test_connections_that_never_send_a_request_are_closed_too(capped_server):
@@ -363,24 +367,19 @@ def test_connections_that_never_send_a_request_are_closed_too(capped_server):
     of them would lock every client out for good. They get ``--keep-alive-s`` like any idle
     connection."""
     url = capped_server.url
-    idle = open_idle(url, MAX_CONNECTIONS, first_request=False)
-    assert one_request(url) == 503
-    time.sleep(KEEP_ALIVE_S + 0.5)
-    try:
+    with idle_connections(url, MAX_CONNECTIONS, first_request=False) as idle:
+        assert one_request(url) == 503
+        time.sleep(KEEP_ALIVE_S + 0.5)
         assert all(closed_by_server(sock) for sock in idle)
         assert one_request(url) == 200
-    finally:
-        for sock in idle:
-            sock.close()
 
 
 def test_blank_lines_that_start_no_request_do_not_keep_a_connection_open(capped_server):
     """HTTP parsers skip empty lines before a request, and each byte stops uvicorn's own idle
     timer: a client sending a line break every 0.3 s must still be closed as idle."""
     url = capped_server.url
-    sockets = open_idle(url, MAX_CONNECTIONS - 1, first_request=True)  # the cap counts the asker too
-    started = time.monotonic()
-    try:
+    with idle_connections(url, MAX_CONNECTIONS - 1, first_request=True) as sockets:  # the cap counts the asker
+        started = time.monotonic()
         while time.monotonic() - started < KEEP_ALIVE_S + 1.5:
             for sock in sockets:
                 try:
@@ -390,36 +389,29 @@ def test_blank_lines_that_start_no_request_do_not_keep_a_connection_open(capped_
             time.sleep(0.3)
         assert all(closed_by_server(sock) for sock in sockets)
         assert one_request(url) == 200
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def test_headers_trickled_in_slowly_do_not_hold_a_connection_forever(capped_server):
     """Slowloris: request heads sent a byte at a time. Each must be complete within
     ``--request-read-timeout-s`` or the connection is closed."""
     url = capped_server.url
-    sockets = open_idle(url, MAX_CONNECTIONS, first_request=False)
     head = request_bytes("GET", "/v2/health/live")
-    stop = time.monotonic() + READ_TIMEOUT_S + 1.5
-    sent = 0
-    while time.monotonic() < stop and sent < len(head) - 4:
-        for sock in sockets:
-            try:
-                sock.sendall(head[sent:sent + 1])
-            except OSError:
-                pass
-        sent += 1
-        time.sleep(0.2)
-    try:
+    with idle_connections(url, MAX_CONNECTIONS, first_request=False) as sockets:
+        stop = time.monotonic() + READ_TIMEOUT_S + 1.5
+        sent = 0
+        while time.monotonic() < stop and sent < len(head) - 4:
+            for sock in sockets:
+                try:
+                    sock.sendall(head[sent:sent + 1])
+                except OSError:
+                    pass
+            sent += 1
+            time.sleep(0.2)
         response = read_response(sockets[0])
         assert response.status == 408
         assert f"request head did not arrive within {READ_TIMEOUT_S:g} s" in response.error()
         assert all(closed_by_server(sock) for sock in sockets)
         assert one_request(url) == 200
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def test_the_capped_server_ends_healthy(capped_server):
