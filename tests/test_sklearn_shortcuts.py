@@ -162,12 +162,16 @@ def test_the_runtime_serves_linear_models_through_the_fast_path(linear):
     pytest.param(lambda x, t: make_pipeline(MinMaxScaler(), LogisticRegression()).fit(x, t > 0), id="min-max-scaled"),
     pytest.param(lambda x, t: make_pipeline(StandardScaler(), PCA(3), Ridge()).fit(x, t), id="pca"),
     pytest.param(lambda x, t: Ridge().fit(x, np.column_stack([t, -t])), id="two-outputs"),
+    pytest.param(lambda x, t: LogisticRegression().fit(x, t > 0).sparsify(), id="sparse-coefficients"),
     pytest.param(lambda x, t: LinearSVC().fit(x, t > 0), id="svm"),
     pytest.param(lambda x, t: SGDClassifier(loss="log_loss").fit(x, t > 0), id="sgd"),
 ])
 def test_linear_models_outside_its_scope_keep_their_own_methods(build):
     x, target = _data(rows=200)
-    assert linear_predictor(build(x, target), np.dtype(np.float64)) is None
+    estimator = build(x, target)
+    assert linear_predictor(estimator, np.dtype(np.float64)) is None
+    model = SKLearnModel(estimator, host_bytes=0)  # and the runtime serves them as they answer
+    np.testing.assert_array_equal(model.predict(x[:20], ["predict"])["predict"], estimator.predict(x[:20]))
 
 
 def test_a_linear_model_whose_own_answer_differs_keeps_its_own_methods():

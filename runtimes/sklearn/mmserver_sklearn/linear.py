@@ -87,15 +87,18 @@ def linear_predictor(estimator: Any, dtype: np.dtype) -> LinearPredictor | None:
             or np.ndim(final.coef_) > (2 if name in _CLASSIFIERS else 1)
             or not all(type(step).__name__ == "StandardScaler" and _from_sklearn(step) for step in preceding)):
         return None
-    predictor = LinearPredictor(final, [_scaling(step, dtype) for step in preceding])
-    probe = _probe_rows(int(estimator.n_features_in_), dtype)
-    outputs = ("predict", "predict_proba") if predictor.classes is not None else ("predict",)
-    for rows in (probe[:1], probe):  # one row and a batch: numpy may take other paths for each
-        ours = predictor(rows, outputs)
-        for output in outputs:
-            own = getattr(estimator, output)(rows)
-            if ours[output].dtype != own.dtype or not np.array_equal(ours[output], own):
-                return None
+    try:
+        predictor = LinearPredictor(final, [_scaling(step, dtype) for step in preceding])
+        probe = _probe_rows(int(estimator.n_features_in_), dtype)
+        outputs = ("predict", "predict_proba") if predictor.classes is not None else ("predict",)
+        for rows in (probe[:1], probe):  # one row and a batch: numpy may take other paths for each
+            ours = predictor(rows, outputs)
+            for output in outputs:
+                own = getattr(estimator, output)(rows)
+                if ours[output].dtype != own.dtype or not np.array_equal(ours[output], own):
+                    return None
+    except Exception:  # anything unforeseen (sparse coefficients, ...): the estimator's own methods
+        return None
     return predictor
 
 
