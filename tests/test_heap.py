@@ -12,7 +12,7 @@ import pytest
 
 from mmserver import heap
 from mmserver.heap import HeapKeeper
-from test_residency import make_manager, request, write_model
+from test_residency import make_manager, request, serving, write_model
 
 
 class Node:
@@ -79,8 +79,7 @@ def test_a_server_never_idle_collects_after_a_while(monkeypatch):
 async def test_the_manager_collects_after_an_unload_when_nothing_runs(tmp_path):
     write_model(tmp_path, "a", 100)
     manager, _, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         await manager.infer(manager.entry("a"), request())
         await manager.unload("a")
         assert manager._heap.pending
@@ -88,5 +87,3 @@ async def test_the_manager_collects_after_an_unload_when_nothing_runs(tmp_path):
         while manager._heap.pending:
             assert time.monotonic() < deadline, "the idle server never ran the pending collection"
             await asyncio.sleep(0.05)
-    finally:
-        await manager.stop()

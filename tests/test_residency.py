@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,16 @@ def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * Mi
     return manager, gpu, runtime
 
 
+@asynccontextmanager
+async def serving(manager: ModelManager) -> AsyncIterator[ModelManager]:
+    """The manager started for the block, stopped (every model unloaded) after it."""
+    await manager.start()
+    try:
+        yield manager
+    finally:
+        await manager.stop()
+
+
 def states(manager: ModelManager) -> dict[str, str]:
     return {row["name"]: row["state"] for row in manager.index()}
 
@@ -197,8 +209,7 @@ async def test_models_beyond_the_budget_evict_the_least_recently_used_to_host_me
         write_model(tmp_path, name, 100)
     write_model(tmp_path, "c", 150, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         assert states(manager) == {"a": "READY", "b": "READY", "c": "UNAVAILABLE"}
         assert gpu.ours == 200 * MiB
         await manager.infer(manager.entry("a"), request())  # b is now the least recently used
@@ -214,8 +225,6 @@ async def test_models_beyond_the_budget_evict_the_least_recently_used_to_host_me
         assert gpu.ours == 250 * MiB
         assert manager.ledger.used("cuda:0") == gpu.ours
         assert manager.entry("a").metrics.evictions == 0  # metrics are off in this manager
-    finally:
-        await manager.stop()
     assert gpu.ours == 0
 
 
@@ -224,8 +233,7 @@ async def test_pinned_models_stay_and_a_model_that_cannot_fit_gets_a_clear_error
     write_model(tmp_path, "q", 50)
     write_model(tmp_path, "big", 200, "load: lazy\n")
     manager, gpu, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         with pytest.raises(InsufficientMemory) as info:
             await manager.infer(manager.entry("big"), request())
         message = info.value.message
@@ -234,22 +242,17 @@ async def test_pinned_models_stay_and_a_model_that_cannot_fit_gets_a_clear_error
         assert "pinned: p:1" in message
         assert states(manager) == {"p": "READY", "q": "READY", "big": "UNAVAILABLE"}
         assert gpu.ours == 250 * MiB
-    finally:
-        await manager.stop()
 
 
 async def test_insufficient_memory_is_its_own_error_type(tmp_path):
     write_model(tmp_path, "huge", 400)
     manager, _, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         entry = manager.entry("huge")
         assert entry.state is ModelState.UNAVAILABLE
         assert entry.reason.startswith("load failed: model huge:1 needs 400.0 MiB on cuda:0")
         with pytest.raises(InsufficientMemory):
             manager.residency.victims(entry, {"cuda:0": 400 * MiB}, [])
-    finally:
-        await manager.stop()
 
 
 async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
@@ -257,8 +260,7 @@ async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
     write_model(tmp_path, "idle", 100)
     write_model(tmp_path, "new", 100, "load: lazy\n")
     manager, gpu, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         await manager.infer(manager.entry("idle"), request())  # busy is now the LRU...
         model = manager.entry("busy").model
         model.gate = asyncio.Event()
@@ -268,24 +270,19 @@ async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
         assert states(manager) == {"busy": "READY", "idle": "UNAVAILABLE", "new": "READY"}
         model.gate.set()
         await running
-    finally:
-        await manager.stop()
 
 
 async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_path):
     write_model(tmp_path, "a", 200)
     write_model(tmp_path, "b", 200, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path, host=100 * MiB)  # the host tier cannot take 200
-    await manager.start()
-    try:
+    async with serving(manager):
         await manager.infer(manager.entry("b"), request())
         assert manager.entry("a").reason == "evicted, reloads on the next request"
         assert manager.ledger.held("a:1") == {}
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
         assert gpu.ours == 200 * MiB
-    finally:
-        await manager.stop()
 
 
 # ----------------------------------------------------------------------------- requests meeting an unload
@@ -294,8 +291,7 @@ async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_p
 async def test_a_request_during_an_operators_unload_does_not_bring_the_model_back(tmp_path):
     write_model(tmp_path, "a", 100, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         entry = manager.entry("a")
         await manager.infer(entry, request())
         entry.model.gate = asyncio.Event()
@@ -311,15 +307,12 @@ async def test_a_request_during_an_operators_unload_does_not_bring_the_model_bac
             await late
         assert runtime.loaded == ["a"] and gpu.ours == 0
         assert states(manager) == {"a": "UNAVAILABLE"} and manager.ledger.held("a:1") == {}
-    finally:
-        await manager.stop()
 
 
 async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_model(tmp_path):
     write_model(tmp_path, "a", 200, "idle_unload_s: 0.2\n")
     manager, gpu, runtime = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         entry = manager.entry("a")
         first = entry.model
         first.offload_gate = asyncio.Event()
@@ -335,20 +328,15 @@ async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_m
         assert entry.model is first and first.where == "gpu"
         assert states(manager) == {"a": "READY"}
         assert gpu.ours == 200 * MiB and manager.ledger.used("cuda:0") == 200 * MiB
-    finally:
-        await manager.stop()
 
 
 async def test_the_first_model_on_a_gpu_is_not_charged_with_the_cuda_context(tmp_path):
     write_model(tmp_path, "a", 100)
     write_model(tmp_path, "b", 100)
     manager, gpu, _ = make_manager(tmp_path, gpu_budget="1GiB", context=300 * MiB)
-    await manager.start()
-    try:
+    async with serving(manager):
         assert gpu.ours == 500 * MiB  # the context and two models...
         assert manager.ledger.held("a:1") == manager.ledger.held("b:1") == {"cuda:0": 100 * MiB}  # ...charged apart
-    finally:
-        await manager.stop()
 
 
 async def test_a_long_load_logs_that_it_is_still_going(tmp_path, caplog, monkeypatch):
@@ -362,24 +350,20 @@ async def test_a_long_load_logs_that_it_is_still_going(tmp_path, caplog, monkeyp
         return await load(spec, placement)
 
     runtime.load = slow_load
-    await manager.start()
-    try:
+    async with serving(manager):
         with caplog.at_level(logging.INFO, logger="mmserver.manager"):
             await manager.infer(manager.entry("a"), request())
             await asyncio.sleep(0.2)  # no progress lines once it is loaded
         lines = [r.getMessage() for r in caplog.records if "still loading" in r.getMessage()]
         assert lines and all(line.startswith("model a:1 still loading onto cuda:0 (") for line in lines)
         assert len(lines) <= 0.3 / 0.05 + 1
-    finally:
-        await manager.stop()
 
 
 async def test_memory_that_does_not_come_back_is_reported(tmp_path, caplog):
     write_model(tmp_path, "a", 200)
     write_model(tmp_path, "b", 200, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path, leak=150 * MiB)
-    await manager.start()
-    try:
+    async with serving(manager):
         with caplog.at_level(logging.WARNING, logger="mmserver.residency"):
             with pytest.raises(InsufficientMemory) as info:  # the 150 MiB a leaked leave no room for b
                 await manager.infer(manager.entry("b"), request())
@@ -387,16 +371,13 @@ async def test_memory_that_does_not_come_back_is_reported(tmp_path, caplog):
         assert "possible leak" in caplog.text
         assert "model b:1 needs 200.0 MiB on cuda:0; 150.0 MiB is free" in info.value.message
         assert gpu.ours == 150 * MiB <= manager.ledger.budgets["cuda:0"]
-    finally:
-        await manager.stop()
 
 
 async def test_memory_held_in_an_allocator_cache_is_asked_back_before_it_counts_as_a_leak(tmp_path, caplog):
     write_model(tmp_path, "a", 200)
     write_model(tmp_path, "b", 200, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path, leak=150 * MiB, cached=True)
-    await manager.start()
-    try:
+    async with serving(manager):
         with caplog.at_level(logging.INFO, logger="mmserver.residency"):
             await manager.infer(manager.entry("b"), request())  # a leaves, its cache is emptied
         assert runtime.releases == ["cuda:0"]
@@ -404,8 +385,6 @@ async def test_memory_held_in_an_allocator_cache_is_asked_back_before_it_counts_
         assert "possible leak" not in caplog.text
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
         assert gpu.ours == 200 * MiB
-    finally:
-        await manager.stop()
 
 
 async def test_idle_models_are_evicted_after_their_timeout(tmp_path):
@@ -413,15 +392,12 @@ async def test_idle_models_are_evicted_after_their_timeout(tmp_path):
     write_model(tmp_path, "pinned", 100, "idle_unload_s: 0.2\npinned: true\n")
     write_model(tmp_path, "forever", 100)
     manager, gpu, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         await asyncio.sleep(1.5)
         assert states(manager) == {"short": "UNAVAILABLE", "pinned": "READY", "forever": "READY"}
         assert manager.entry("short").evicted
         await manager.infer(manager.entry("short"), request())  # and it comes back on demand
         assert states(manager)["short"] == "READY"
-    finally:
-        await manager.stop()
 
 
 async def test_the_ledger_keeps_the_growth_the_device_measured(tmp_path):
@@ -438,23 +414,17 @@ async def test_the_ledger_keeps_the_growth_the_device_measured(tmp_path):
         RuntimeRegistry({"fakegpu": Growing({"cuda:0": gpu})}),
         devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
     )
-    await manager.start()
-    try:
+    async with serving(manager):
         assert manager.ledger.held("a:1") == {"cuda:0": 130 * MiB}
-    finally:
-        await manager.stop()
 
 
 async def test_placement_honours_the_device_setting(tmp_path):
     write_model(tmp_path, "g", 10)
     write_model(tmp_path, "x", 10, "device: cuda:3\n")
     manager, _, _ = make_manager(tmp_path)
-    await manager.start()
-    try:
+    async with serving(manager):
         assert manager.ledger.held("g:1") == {"cuda:0": 10 * MiB}
         assert manager.entry("x").reason == "load failed: device 'cuda:3' does not exist (GPUs: cuda:0)"
-    finally:
-        await manager.stop()
 
 
 async def test_budget_leaves_room_for_other_processes(tmp_path):
@@ -465,10 +435,7 @@ async def test_budget_leaves_room_for_other_processes(tmp_path):
         RuntimeRegistry({"fakegpu": GpuRuntime({"cuda:0": gpu})}),
         devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
     )
-    await manager.start()
-    try:
+    async with serving(manager):
         assert manager.ledger.budgets["cuda:0"] == 100 * MiB
         gpu.others += 95 * MiB  # another process grows after start: the measured free memory wins
         assert manager.residency.free("cuda:0") == 100 * MiB - 10 * MiB - 95 * MiB
-    finally:
-        await manager.stop()
