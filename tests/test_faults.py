@@ -46,8 +46,10 @@ from hardening_support import (
 HANG_S = 3.0
 MODEL_TIMEOUT_S = 1.0
 SERVER_INFER_TIMEOUT_S = 1.5
-LOAD_TIMEOUT_S = 1.5
-LOAD_SLEEP_S = 5.0
+# the well-behaved models' first load imports scikit-learn and SciPy (about 2 s on a 2-core
+# machine), which must fit in the load timeout; the hanging load sleeps well past it
+LOAD_TIMEOUT_S = 4.0
+LOAD_SLEEP_S = 7.0
 READ_TIMEOUT_S = 1.5
 
 NORMAL = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.5, 0.5]])
