@@ -167,6 +167,7 @@ class ModelManager:
             dict(self.ledger.budgets),
             {uuid: r.total for uuid, r in readings.items()},
             {uuid: r.used for uuid, r in readings.items()},
+            self.residency.overheads(),
         )
 
     # ------------------------------------------------------------------ inference
@@ -412,11 +413,12 @@ class ModelManager:
         """Make room, reserve the predicted size, load, and keep the measured size."""
         predicted = self.residency.predicted(spec, runtime, placement)
         async with self.residency.lock:
+            if placement.is_gpu:  # first, so that room is made for the CUDA context too
+                await self.residency.prepare(runtime, placement)
             await self._make_room(entry, predicted)
             self.ledger.reserve(entry.key, predicted)
             self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
-                await run_sync(runtime.prepare_device, placement)
                 before = self.residency.used(placement.device)
                 entry.model = await self._timed_load(runtime, spec, placement)
                 self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, before))

@@ -151,6 +151,7 @@ class ServerSnapshot:
     budgets: dict[str, int]
     device_totals: dict[str, int] = field(default_factory=dict)
     device_used: dict[str, int] = field(default_factory=dict)
+    overheads: dict[str, int] = field(default_factory=dict)  # device -> bytes held outside any model
 
 
 class Metrics:
@@ -247,7 +248,12 @@ def _gauges(snap: ServerSnapshot) -> Iterator[Metric]:
     budget = GaugeMetricFamily("mmserver_memory_budget_bytes", "Memory budget per device.", labels=["device"])
     for device, size in snap.budgets.items():
         budget.add_metric([device], size)
-    yield from (pending, state, reserved, budget)
+    overhead = GaugeMetricFamily(
+        "mmserver_memory_overhead_bytes", "Bytes the runtimes hold on a device outside any model (CUDA contexts).",
+        labels=["device"])
+    for device, size in snap.overheads.items():
+        overhead.add_metric([device], size)
+    yield from (pending, state, reserved, budget, overhead)
 
 
 class _TritonAliases(Collector):

@@ -19,7 +19,7 @@ from .devices import Device
 from .entry import ModelEntry
 from .errors import InsufficientMemory, ModelLoadError
 from .memory import Candidate, MemoryLedger, choose_victims, format_bytes, resolve_budget
-from .runtime import HOST, LoadedModel, Placement, Runtime
+from .runtime import HOST, LoadedModel, Placement, Runtime, run_sync
 from .settings import Settings
 from .spec import ModelSpec
 
@@ -42,6 +42,7 @@ class Residency:
         # and evictions on GPUs: engines like vLLM size themselves from the free memory they see
         # while starting, and the measured size of a load is a before/after difference.
         self.lock = asyncio.Lock()
+        self._prepared: set[tuple[str, str]] = set()  # (runtime, GPU) pairs whose device is ready
 
     @property
     def gpus(self) -> list[str]:
@@ -139,7 +140,34 @@ class Residency:
         """Whether the host tier can take ``size`` more bytes without evicting anything."""
         return self.free(HOST) >= size
 
+    def overheads(self) -> dict[str, int]:
+        """Bytes charged to the runtimes' overheads (``prepare``) per GPU."""
+        totals: dict[str, int] = {}
+        for runtime, device in self._prepared:
+            for name, size in self.ledger.held(("overhead", runtime, device)).items():
+                totals[name] = totals.get(name, 0) + size
+        return totals
+
     # ------------------------------------------------------------------ measurement
+
+    async def prepare(self, runtime: Runtime, placement: Placement) -> None:
+        """Ready ``runtime`` on a GPU (``Runtime.prepare_device``) before room is made there.
+        The first time, what the device grew by (the CUDA context) is charged to the ledger as
+        the runtime's overhead on that GPU, for good: it then counts against the budget also
+        where NVML cannot tell this process's use apart (PID namespaces of containers).
+        Called with ``lock`` held."""
+        key = (runtime.name, placement.device)
+        first = key not in self._prepared
+        before = self.used(placement.device) if first else None
+        await run_sync(runtime.prepare_device, placement)
+        if before is None:
+            return
+        self._prepared.add(key)
+        grown = (self.used(placement.device) or 0) - before
+        if grown > 0:
+            self.ledger.commit(("overhead", *key), {placement.device: grown})
+            log.info("%s: runtime %s made ready, %s charged to its overhead", placement.device,
+                     runtime.name, format_bytes(grown))
 
     def used(self, device: str) -> int | None:
         """Device memory in use now, as the device measures it (None for the host's shared RAM)."""

@@ -49,7 +49,7 @@ def test_scrape_time_gauges_read_the_snapshot():
     metrics = Metrics()
     metrics.set_snapshot(lambda: ServerSnapshot(
         [ModelSnapshot("a", "1", "READY", 3, {"cpu": 100}), ModelSnapshot("b", "2", "LOADING", 0)],
-        {"cpu": 1000},
+        {"cpu": 1000}, overheads={"cuda:0": 500},
     ))
     got = samples(metrics)
     a = (("model_name", "a"), ("model_version", "1"))
@@ -59,6 +59,7 @@ def test_scrape_time_gauges_read_the_snapshot():
     assert got[("mmserver_model_state", (("model_name", "b"), ("model_version", "2"), ("state", "LOADING")))] == 1
     assert got[("mmserver_memory_reserved_bytes", (("device", "cpu"), *a))] == 100
     assert got[("mmserver_memory_budget_bytes", (("device", "cpu"),))] == 1000
+    assert got[("mmserver_memory_overhead_bytes", (("device", "cuda:0"),))] == 500
 
 
 def test_triton_aliases_follow_our_counters():

@@ -37,15 +37,18 @@ GPU_TOTAL = 1000 * MiB
 class FakeGpu(Device):
     """Stands in for an NVML GPU: ``used`` is whatever the fake models put there."""
 
-    def __init__(self, name: str = "cuda:0", others: int = 0) -> None:
+    def __init__(self, name: str = "cuda:0", others: int = 0, per_process: bool = True) -> None:
         self.name = name
         self.uuid = f"GPU-fake-{name}"
         self.others = others
         self.ours = 0
         self.left_behind = 0  # bytes models left in use after they went (a leak or a cache)
+        # False: like NVML in a container with its own PID namespace, this process's use cannot
+        # be told apart from the others' (the reading's ``ours`` is 0)
+        self.per_process = per_process
 
     def read(self) -> MemoryReading:
-        return MemoryReading(GPU_TOTAL, self.others + self.ours, self.ours)
+        return MemoryReading(GPU_TOTAL, self.others + self.ours, self.ours if self.per_process else 0)
 
 
 class FakeHost(Device):
@@ -156,8 +159,8 @@ def request() -> InferRequest:
 
 
 def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0,
-                 cached: bool = False, context: int = 0, **settings):
-    gpu = FakeGpu()
+                 cached: bool = False, context: int = 0, per_process: bool = True, **settings):
+    gpu = FakeGpu(per_process=per_process)
     runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context)
     manager = ModelManager(
         Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
@@ -337,6 +340,25 @@ async def test_the_first_model_on_a_gpu_is_not_charged_with_the_cuda_context(tmp
     async with serving(manager):
         assert gpu.ours == 500 * MiB  # the context and two models...
         assert manager.ledger.held("a:1") == manager.ledger.held("b:1") == {"cuda:0": 100 * MiB}  # ...charged apart
+        assert manager.ledger.held(("overhead", "fakegpu", "cuda:0")) == {"cuda:0": 300 * MiB}
+
+
+@pytest.mark.parametrize("per_process", [True, False])
+async def test_the_cuda_context_counts_against_the_budget(tmp_path, per_process):
+    """Also where NVML cannot say which memory is this process's (``per_process=False``, as in
+    a container with its own PID namespace), the context is in the ledger: models evict each
+    other before the device holds more than the budget."""
+    for name in ("a", "b", "c"):
+        write_model(tmp_path, name, 100, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path, gpu_budget="500MiB", context=300 * MiB, per_process=per_process)
+    async with serving(manager):
+        for name in ("a", "b", "c", "a"):
+            await manager.infer(manager.entry(name), request())
+            assert gpu.read().used <= 500 * MiB
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "c": "READY"}
+        assert manager.ledger.used("cuda:0") == gpu.ours == 500 * MiB
+
+
 
 
 async def test_a_long_load_logs_that_it_is_still_going(tmp_path, caplog, monkeypatch):
