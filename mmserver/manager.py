@@ -71,6 +71,7 @@ class ModelManager:
         self._heap = HeapKeeper()
         self._sync_locks: dict[str, asyncio.Lock] = {}
         self._folder_errors: dict[str, str] = {}  # folders that changed into something unreadable
+        self._loads: set[ModelEntry] = set()  # entries whose load runs (new ones are not in _models yet)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -374,6 +375,8 @@ class ModelManager:
             return
         if entry.loading is None:
             entry.loading = asyncio.create_task(self._load(entry), name=f"load {entry.key}")
+            self._loads.add(entry)
+            entry.loading.add_done_callback(lambda _: self._loads.discard(entry))
         await asyncio.shield(entry.loading)
 
     async def _load(self, entry: ModelEntry) -> None:
@@ -457,7 +460,20 @@ class ModelManager:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
         (memory that does not come back forces another victim, or the error); called with the
         residency lock held."""
-        while victims := self.residency.victims(entry, sizes, list(self._entries())):
+        while True:
+            try:
+                victims = self.residency.victims(entry, sizes, list(self._entries()))
+            except InsufficientMemory:
+                # Loads past their admission hold their predicted size until they measure what
+                # they take (often less); they end without this lock: wait for one, try again.
+                loads = [e.loading for e in self._loads
+                         if e is not entry and e.state is ModelState.LOADING and e.loading is not None]
+                if not loads:
+                    raise
+                await asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if not victims:
+                return
             for victim in victims:
                 await self._evict(victim, f"making room for {entry.key}")
 

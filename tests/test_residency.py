@@ -6,6 +6,8 @@ Fakes, each standing in for something this machine lacks:
 - ``GpuRuntime`` / ``GpuModel`` stand in for a torch runtime and a model holding GPU memory: they
   add their size to the fake GPU on load, move it to host RAM on offload, and give it back on
   unload, so the manager's bookkeeping can be checked against the "device" reading.
+- ``HostRuntime`` / ``HostModel`` stand in for a CPU runtime whose size prediction is larger than
+  what its models then hold (the transformers runtime's activation allowance), with slow loads.
 The manager, ledger, residency and batcher under test are the real ones.
 """
 
@@ -145,6 +147,41 @@ class GpuRuntime(Runtime):
         self.loaded.append(spec.name)
         size = int((spec.artifact / "size_mib").read_text()) * MiB
         return GpuModel(self.gpus[placement.device], size, self.leak)
+
+
+class HostModel(LoadedModel):
+    """Stands in for a model in host RAM (see module docstring)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def metadata(self) -> ModelMetadata:
+        return ModelMetadata("fake", [], [])
+
+    async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        return [InferResponse([InferOutput("out", r.inputs[0].data)]) for r in requests]
+
+    async def unload(self) -> None:
+        pass
+
+    def memory(self) -> dict[str, int]:
+        return {HOST: self.size}
+
+
+class HostRuntime(Runtime):
+    """Stands in for a CPU runtime (see module docstring): predicts 4x what its models hold."""
+
+    name = "fakehost"
+
+    def matches(self, path: Path) -> bool:
+        return (path / "size_mib").is_file()
+
+    def estimate(self, spec, placement: Placement) -> dict[str, int]:
+        return {HOST: 4 * int((spec.artifact / "size_mib").read_text()) * MiB}
+
+    async def load(self, spec, placement: Placement) -> HostModel:
+        await asyncio.sleep(0.05)
+        return HostModel(int((spec.artifact / "size_mib").read_text()) * MiB)
 
 
 def write_model(repo: Path, name: str, size_mib: int, yaml_text: str = "") -> None:
@@ -359,6 +396,19 @@ async def test_the_cuda_context_counts_against_the_budget(tmp_path, per_process)
         assert manager.ledger.used("cuda:0") == gpu.ours == 500 * MiB
 
 
+async def test_a_load_waits_for_loads_in_flight_to_measure_what_they_take(tmp_path):
+    """Start-up models whose predictions do not fit side by side, but whose measured sizes do:
+    each load waits for the one ahead of it to measure, instead of failing with 507."""
+    for name in ("a", "b", "c"):
+        write_model(tmp_path, name, 50)
+        (tmp_path / name / "model.yaml").write_text("runtime: fakehost\n")
+    manager = ModelManager(
+        Settings(model_repository=tmp_path, host_memory_budget=300 * MiB, memory_margin=0, load_concurrency=3),
+        RuntimeRegistry({"fakehost": HostRuntime()}), devices={HOST: FakeHost(10_000 * MiB)},
+    )
+    async with serving(manager):
+        assert states(manager) == {"a": "READY", "b": "READY", "c": "READY"}
+        assert manager.ledger.used(HOST) == 150 * MiB
 
 
 async def test_a_long_load_logs_that_it_is_still_going(tmp_path, caplog, monkeypatch):
