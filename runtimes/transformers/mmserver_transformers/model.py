@@ -39,6 +39,7 @@ from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
+from .estimate import activation_allowance
 from .options import (
     CLASSIFICATION,
     EMBEDDING,
@@ -201,6 +202,9 @@ class TransformersModel(LoadedModel, TextGenerator):
         self._lock = threading.Lock()  # compute, offload, restore and unload never overlap
         self._offloaded = False
         self._gpu = device.startswith("cuda")
+        # On a GPU, torch's caching allocator keeps what a batch's activations took: the model
+        # holds this much device memory beyond its weights (the estimate's allowance)
+        self.workspace = activation_allowance(config, self.task, dtype) if self._gpu else 0
 
         if tokenizer.pad_token_id is None:  # e.g. GPT-2 and Llama tokenizers: pad with eos (masked anyway)
             fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
@@ -613,7 +617,8 @@ class TransformersModel(LoadedModel, TextGenerator):
                 yield tensor
 
     def _measure(self) -> dict[str, int]:
-        """Bytes of parameters and buffers per device, counting shared storage once."""
+        """Bytes of parameters and buffers per device, counting shared storage once, plus the
+        activation workspace while on a GPU."""
         totals: dict[str, int] = {}
         seen: set[tuple[str, int]] = set()
         for tensor in self._tensors():
@@ -623,6 +628,8 @@ class TransformersModel(LoadedModel, TextGenerator):
                 continue
             seen.add(key)
             totals[device] = totals.get(device, 0) + tensor.numel() * tensor.element_size()
+        if self.workspace and not self._offloaded:
+            totals[self.device] = totals.get(self.device, 0) + self.workspace
         return totals
 
     @property
