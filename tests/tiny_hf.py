@@ -7,6 +7,9 @@ Three models with seeded random weights, saved with ``save_pretrained`` in a rep
 - ``generator``: a ``LlamaForCausalLM`` (hidden 64, 2 layers, head size 32, vocab 512) with a
   byte-level BPE tokenizer.
 
+``build_sized_llama`` makes a random Llama of about a given size (for the memory manager's tests
+and benchmarks), and ``link_model`` repeats a model folder under other names without copying.
+
 Both tokenizers are trained by ``tokenizers`` on generated text. Weights are drawn with a larger
 spread than the libraries' default (``initializer_range``) so that random models still give
 clearly different answers to different texts (and greedy decoding has no near ties).
@@ -156,3 +159,45 @@ def build_generator(path: Path, seed: int = 2, max_positions: int = 256, chat_te
         config_path.write_text(json.dumps(tokenizer_config, indent=2))
         (path / "chat_template.jinja").unlink(missing_ok=True)
     return path
+
+
+def build_sized_llama(path: Path, mib: int, dtype: str = "float32", hidden: int = 1024,
+                      max_positions: int = 256, never_eos: bool = False) -> int:
+    """A random ``LlamaForCausalLM`` whose weights take about ``mib`` MiB in ``dtype`` (whole
+    layers of width ``hidden``, at least one), saved with the byte-level BPE tokenizer; returns
+    the bytes of its safetensors. ``never_eos`` zeroes the end-of-sequence row of the output
+    layer, so greedy decoding never picks it and a generation runs to ``max_new_tokens``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.model_max_length = max_positions
+    width = torch.finfo(getattr(torch, dtype)).bits // 8
+    intermediate = 3 * hidden
+    per_layer = (4 * hidden * hidden + 3 * hidden * intermediate) * width
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=max(1, (mib * 2**20) // per_layer), num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64, max_position_embeddings=max_positions, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    if never_eos:
+        with torch.no_grad():
+            model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def link_model(source: Path, target: Path) -> Path:
+    """``target`` as a folder of hard links to ``source``'s files (one checkpoint, many models)."""
+    import os
+
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        os.link(file, target / file.name)
+    return target
