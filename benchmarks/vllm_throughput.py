@@ -47,13 +47,17 @@ def build_tiny_model(folder: Path) -> Path:
 
 
 async def start_direct(model: Path) -> tuple[object, list[int]]:
-    """The engine the vllm runtime would start for ``model`` (same arguments), in this process."""
+    """The engine the vllm runtime would start for ``model`` (same arguments, on the device the
+    server places it on: the first GPU if there is one), in this process."""
     from mmserver.spec import ModelConfig, ModelSpec
     from mmserver_vllm import engine as vllm_engine
     from mmserver_vllm.options import Options
 
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # where the server places it too
     spec = ModelSpec("bench", "1", model, "vllm", ModelConfig(), "benchmark")
-    args = vllm_engine._engine_args(spec, Options.parse(model, "cpu", {}, None))
+    args = vllm_engine._engine_args(spec, Options.parse(model, device, {}, None))
     engine = await asyncio.to_thread(lambda: vllm_engine.AsyncLLM.from_engine_args(args))
     return engine, engine.get_tokenizer().encode(PROMPT)
 

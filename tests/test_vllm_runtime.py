@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ModelRepo, RunningServer, running_server
+from conftest import RunningServer, running_server
 
 pytestmark = pytest.mark.skipif(
     find_spec("vllm") is None or find_spec("mmserver_vllm") is None,
@@ -48,9 +48,14 @@ TF_MODEL = "tf-gen"
 
 
 @pytest.fixture(scope="session")
-def llm_repo(tmp_path_factory: pytest.TempPathFactory, model_repo: ModelRepo) -> Path:
+def llm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """llm-a (detected as vllm, 4096 positions), llm-b (vllm, its own engine options), tf-gen (the
-    same checkpoint as llm-b, forced onto the transformers runtime) and iris (scikit-learn)."""
+    same checkpoint as llm-b, forced onto the transformers runtime) and iris (scikit-learn, trained
+    here: the repository of the other end-to-end tests needs XGBoost, which a GPU image may lack)."""
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
     root = tmp_path_factory.mktemp("llm") / "repo"
     tiny_hf.build_generator(root / "llm-a", seed=2, max_positions=4096, chat_template=True)
     tiny_hf.build_generator(root / "llm-b", seed=5, chat_template=True)
@@ -58,7 +63,8 @@ def llm_repo(tmp_path_factory: pytest.TempPathFactory, model_repo: ModelRepo) ->
         "parameters: {max_num_seqs: 8, kv_cache_memory_bytes: 128MiB, max_tokens: 12}\n")
     shutil.copytree(root / "llm-b", root / TF_MODEL)
     (root / TF_MODEL / "model.yaml").write_text("runtime: transformers\nparameters: {threads: 1}\n")
-    shutil.copytree(model_repo.path / "iris", root / "iris")
+    (root / "iris" / "1").mkdir(parents=True)
+    joblib.dump(LogisticRegression(max_iter=1000).fit(*load_iris(return_X_y=True)), root / "iris" / "1" / "model.joblib")
     return root
 
 

@@ -4,39 +4,21 @@
 #
 #   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=540)
 #
-# Steps (logs under $OUT, each step's exit status in $OUT/summary.txt), sized to end in ~6 min:
+# (with vLLM's first part too, carry=[".whl", ".vllm/1"]: see vllm_wheels.py). Steps, logs under
+# $OUT, each step's exit status in $OUT/summary.txt, sized to end in about 6 minutes:
 #   1. the machine: nvidia-smi, torch and NVML versions;
 #   2. the GPU tests: fp16 placement and measured sizes, offload/restore through pinned host
 #      memory, and the memory scenario through HTTP with NVML as the judge (pytest -m gpu);
 #   3. benchmarks/memory_swap.py on CUDA: swap-in from the host tier and from disk against their
 #      baselines, a Zipf stream over 3x more ~1 GB models than fit, NVML back to baseline.
-# MEMORY_SWAP_ARGS overrides step 3's arguments; a local dry run (no GPU):
+# MEMORY_SWAP_ARGS overrides step 3's arguments; a local dry run (no GPU, nothing carried):
 #   OUT=/tmp/out MEMORY_SWAP_ARGS="--device cpu --model-mib 16 --models 6 --minutes 0.1" bash benchmarks/device/check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:?set OUT to a folder for the logs}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-summary="$OUT/summary.txt"
-: > "$summary"
-
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record the exit status
-  local name=$1 limit=$2
-  shift 2
-  local started=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local status=$?
-  echo "$name: exit $status in $((SECONDS - started)) s" | tee -a "$summary"
-  tail -n 15 "$OUT/$name.log"
-}
-
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . runtimes/transformers \
-    || { echo "install: failed" | tee -a "$summary"; exit 1; }
-  export PYTHONPATH=/tmp/site
+. benchmarks/device/lib.sh
+if ls .whl/*.whl > /dev/null 2>&1; then
+  install_wheels .whl/*.whl
 fi
-
 step machine 60 bash -c 'nvidia-smi; python3 -c "import torch, pynvml, transformers; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, pynvml.__name__)"'
 step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra -s" \
   tests/test_transformers_runtime.py tests/test_memory_scenario.py
