@@ -20,6 +20,7 @@ from mmserver.spec import ModelSpec
 from mmserver.tabular import TabularModel
 from mmserver.types import TensorSpec
 
+from .estimators import from_sklearn
 from .forest import forest_predictor
 from .linear import linear_predictor
 
@@ -94,7 +95,7 @@ class SKLearnModel(TabularModel):
         outputs = [TensorSpec("predict", label_datatype, (-1,))]
         if self.classes is not None and hasattr(estimator, "predict_proba"):
             outputs.append(TensorSpec("predict_proba", "FP64", (-1, len(self.classes))))
-        sklearn_own = type(final).__module__.startswith("sklearn.") and getattr(final, "n_outputs_", 1) == 1
+        sklearn_own = from_sklearn(final) and getattr(final, "n_outputs_", 1) == 1
         self._argmax_of_proba = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA
         self._argmax_but_ties = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA_BUT_TIES
         # predict_proba of a forest classifier, predict of a forest regressor, or None
@@ -166,10 +167,8 @@ def _library_code_only(estimator: Any) -> bool:
     for part in parts:
         if callable(part) and not hasattr(part, "fit"):
             return False
-        if hasattr(part, "fit"):
-            cls = type(part)
-            if not cls.__module__.startswith("sklearn.") or cls.__name__ == "FunctionTransformer":
-                return False
+        if hasattr(part, "fit") and (not from_sklearn(part) or type(part).__name__ == "FunctionTransformer"):
+            return False
     return True
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .estimators import from_sklearn
+
 # Only these compute their prediction as the plain mean of their trees' outputs.
 _FOREST_CLASSES = ("RandomForestClassifier", "ExtraTreesClassifier",
                    "RandomForestRegressor", "ExtraTreesRegressor")
@@ -47,7 +49,7 @@ def forest_predictor(estimator: Any) -> ForestPredictor | None:
     one thread (``n_jobs`` None or 1: a user who asked for parallel trees keeps them).
     """
     if (type(estimator).__name__ not in _FOREST_CLASSES
-            or not type(estimator).__module__.startswith("sklearn.")
+            or not from_sklearn(estimator)
             or getattr(estimator, "n_outputs_", 1) != 1
             or getattr(estimator, "n_jobs", None) not in (None, 1)):
         return None

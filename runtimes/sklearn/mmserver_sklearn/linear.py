@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .estimators import from_sklearn
+
 _CLASSIFIERS = ("LogisticRegression",)
 _REGRESSORS = ("LinearRegression", "Ridge", "Lasso", "ElasticNet")
 _PROBE_ROWS = 32
@@ -83,9 +85,9 @@ def linear_predictor(estimator: Any, dtype: np.dtype) -> LinearPredictor | None:
     *preceding, final = _steps(estimator)
     name = type(final).__name__
     if (name not in _CLASSIFIERS + _REGRESSORS
-            or not _from_sklearn(final)
+            or not from_sklearn(final)
             or np.ndim(final.coef_) > (2 if name in _CLASSIFIERS else 1)
-            or not all(type(step).__name__ == "StandardScaler" and _from_sklearn(step) for step in preceding)):
+            or not all(type(step).__name__ == "StandardScaler" and from_sklearn(step) for step in preceding)):
         return None
     try:
         predictor = LinearPredictor(final, [_scaling(step, dtype) for step in preceding])
@@ -104,13 +106,9 @@ def linear_predictor(estimator: Any, dtype: np.dtype) -> LinearPredictor | None:
 
 def _steps(estimator: Any) -> list[Any]:
     """A pipeline's estimators in order, skipping ``"passthrough"`` steps; else the estimator."""
-    if type(estimator).__name__ == "Pipeline" and _from_sklearn(estimator):
+    if type(estimator).__name__ == "Pipeline" and from_sklearn(estimator):
         return [step for _, step in estimator.steps if step not in (None, "passthrough")]
     return [estimator]
-
-
-def _from_sklearn(estimator: Any) -> bool:
-    return type(estimator).__module__.startswith("sklearn.")
 
 
 def _scaling(scaler: Any, dtype: np.dtype) -> tuple[np.ndarray | None, np.ndarray | None]:
