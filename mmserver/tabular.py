@@ -74,13 +74,14 @@ class TabularModel(LoadedModel):
         return self._matrix_shape(request)[0]
 
     async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
-        matrix = concat_rows([self._matrix(r) for r in requests])
+        matrices = [self._matrix(r) for r in requests]
+        matrix = concat_rows(matrices)
         names = requests[0].output_names or self._output_names
         if matrix.shape[0]:
             columns = await self.executor.run(self.predict, matrix, names)
         else:  # estimators refuse zero rows; the answer is known without them
             columns = {spec.name: _empty(spec) for spec in self._outputs}
-        counts = [self._matrix_shape(r)[0] for r in requests]
+        counts = [m.shape[0] for m in matrices]
         per_output = {name: split_rows(columns[name], counts) for name in names}
         return [
             InferResponse(outputs=[InferOutput(name, per_output[name][i]) for name in names])
