@@ -30,6 +30,9 @@ class ModelEntry:
     unloaded_by_operator: bool = False
     evicted: bool = False  # unloaded or parked to make room: comes back on the next request
     parked: dict[str, int] | None = None  # device bytes the model held before it moved to host RAM
+    # bytes each GPU grew by when the model last came onto it: what its eviction must give back
+    # (its ledger size may be more: room reserved for what its batches will take)
+    arrived: dict[str, int] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     waiting: int = 0  # requests waiting for the model to finish loading
     load_error: Exception | None = None  # why the last load failed

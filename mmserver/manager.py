@@ -424,7 +424,7 @@ class ModelManager:
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
                 before = self.residency.used(placement.device)
                 entry.model = await self._timed_load(runtime, spec, placement)
-                self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, before))
+                self._commit_arrival(entry, entry.model, placement, before)
                 return
         entry.model = await self._timed_load(runtime, spec, placement)
         self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, None))
@@ -454,7 +454,14 @@ class ModelManager:
             await model.restore(placement)
             entry.parked = None
             self.ledger.reserve(entry.key, {**sizes, HOST: 0})
-            self.ledger.commit(entry.key, self.residency.measured(entry.spec, model, placement, before))
+            self._commit_arrival(entry, model, placement, before)
+
+    def _commit_arrival(self, entry: ModelEntry, model: LoadedModel, placement: Placement, before: int | None) -> None:
+        """The ledger keeps the measured size of a model that came onto a GPU; the entry keeps
+        what the GPU grew by (what an eviction waits to see come back)."""
+        grown = self.residency.growth(placement.device, before)
+        entry.arrived = {placement.device: grown} if grown is not None and grown > 0 else {}
+        self.ledger.commit(entry.key, self.residency.measured(entry.spec, model, placement, grown))
 
     async def _make_room(self, entry: ModelEntry, sizes: dict[str, int]) -> None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
@@ -487,6 +494,8 @@ class ModelManager:
         assert model is not None
         held = self.ledger.held(entry.key)
         on_gpus = {device: size for device, size in held.items() if device != HOST}
+        # what leaving gives back: what the GPU grew by when the model came, at most its size
+        given_back = {device: min(size, entry.arrived.get(device, size)) for device, size in on_gpus.items()}
         entry.metrics.evicted()
         if model.can_offload and on_gpus and self.residency.host_room_for(sum(on_gpus.values())):
             started = time.monotonic()
@@ -507,7 +516,7 @@ class ModelManager:
             await self._unload(entry, f"evicted: {reason}")
             entry.evicted = True
             entry.reason = "evicted, reloads on the next request"
-        for device, size in on_gpus.items():
+        for device, size in given_back.items():
             if used[device] is not None:
                 await self.residency.wait_released(
                     device, used[device], size, lambda d=device: run_sync(self.registry.release_cached_memory, d)

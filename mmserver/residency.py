@@ -173,15 +173,18 @@ class Residency:
         """Device memory in use now, as the device measures it (None for the host's shared RAM)."""
         return self.devices[device].read().used if device != HOST and device in self.devices else None
 
+    def growth(self, device: str, used_before: int | None) -> int | None:
+        """How much a device's measured use rose since ``used_before`` (None where it cannot say)."""
+        used = self.used(device)
+        return None if used is None or used_before is None else used - used_before
+
     def measured(
-        self, spec: ModelSpec, model: LoadedModel, placement: Placement, used_before: int | None
+        self, spec: ModelSpec, model: LoadedModel, placement: Placement, grown: int | None
     ) -> dict[str, int]:
-        """A loaded model's size: what it reports, at least the growth a GPU measured, and at
-        least the ``memory`` its model.yaml declares (the operator knows best)."""
+        """A loaded model's size: what it reports, at least what its GPU grew by (``grown``), and
+        at least the ``memory`` its model.yaml declares (the operator knows best)."""
         sizes = dict(model.memory())
-        floor = int(spec.config.memory or 0)
-        if used_before is not None:
-            floor = max(floor, (self.used(placement.device) or 0) - used_before)
+        floor = max(int(spec.config.memory or 0), grown or 0)
         if floor:
             sizes[placement.device] = max(sizes.get(placement.device, 0), floor)
         return sizes
@@ -189,7 +192,8 @@ class Residency:
     async def wait_released(
         self, device: str, used_before: int, size: int, release_cached: Callable[[], Awaitable[None]]
     ) -> None:
-        """After an eviction on a GPU, wait until NVML shows its memory back (within a tolerance).
+        """After an eviction on a GPU, wait until NVML shows ``size`` bytes of it back (within a
+        tolerance).
         Memory still missing after ``RELEASE_ESCALATE_S`` escalates: ``release_cached`` asks the
         frameworks to empty their allocator caches; what is still missing at ``RELEASE_TIMEOUT_S``
         is reported as a possible leak."""

@@ -69,8 +69,9 @@ class FakeHost(Device):
 class GpuModel(LoadedModel):
     """Stands in for a torch model on a GPU (see module docstring)."""
 
-    def __init__(self, gpu: FakeGpu, size: int, leak: int = 0) -> None:
+    def __init__(self, gpu: FakeGpu, size: int, leak: int = 0, workspace: int = 0) -> None:
         self.gpu, self.size, self.leak = gpu, size, leak
+        self.workspace = workspace  # reported on the GPU beyond what it allocates (room for batches)
         self.where = "gpu"
         self.gate: asyncio.Event | None = None  # holds infer() until set
         self.offload_gate: asyncio.Event | None = None  # holds offload() until set
@@ -92,7 +93,7 @@ class GpuModel(LoadedModel):
         self.where = "gone"
 
     def memory(self) -> dict[str, int]:
-        return {self.gpu.name: self.size} if self.where == "gpu" else {HOST: self.size}
+        return {self.gpu.name: self.size + self.workspace} if self.where == "gpu" else {HOST: self.size}
 
     @property
     def can_offload(self) -> bool:
@@ -116,8 +117,9 @@ class GpuRuntime(Runtime):
     name = "fakegpu"
     supports_gpu = True
 
-    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False, context: int = 0) -> None:
-        self.gpus, self.leak = gpus, leak
+    def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False, context: int = 0,
+                 workspace: int = 0) -> None:
+        self.gpus, self.leak, self.workspace = gpus, leak, workspace
         self.cached = cached  # what models leave behind is an allocator cache the runtime can empty
         self.context = context  # bytes the first use of a device costs (a CUDA context)
         self.contexts: set[str] = set()
@@ -146,7 +148,7 @@ class GpuRuntime(Runtime):
         self.prepare_device(placement)  # like torch: the first use of a device makes its context
         self.loaded.append(spec.name)
         size = int((spec.artifact / "size_mib").read_text()) * MiB
-        return GpuModel(self.gpus[placement.device], size, self.leak)
+        return GpuModel(self.gpus[placement.device], size, self.leak, self.workspace)
 
 
 class HostModel(LoadedModel):
@@ -196,9 +198,10 @@ def request() -> InferRequest:
 
 
 def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0,
-                 cached: bool = False, context: int = 0, per_process: bool = True, **settings):
+                 cached: bool = False, context: int = 0, per_process: bool = True, workspace: int = 0,
+                 **settings):
     gpu = FakeGpu(per_process=per_process)
-    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context)
+    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context, workspace)
     manager = ModelManager(
         Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
                  memory_margin=0, **settings),
@@ -457,6 +460,25 @@ async def test_memory_held_in_an_allocator_cache_is_asked_back_before_it_counts_
         assert "possible leak" not in caplog.text
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
         assert gpu.ours == 200 * MiB
+
+
+async def test_an_eviction_waits_for_what_the_model_took_not_for_its_reserved_room(tmp_path, caplog):
+    """A model reserves more than it allocates (room for its batches): evicting it waits for what
+    the GPU grew by when it came, so it neither escalates nor reports a leak."""
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path, gpu_budget="250MiB", workspace=100 * MiB)
+    async with serving(manager):
+        assert manager.ledger.held("a:1") == {"cuda:0": 200 * MiB} and gpu.ours == 100 * MiB
+        with caplog.at_level(logging.INFO, logger="mmserver.residency"):
+            started = time.monotonic()
+            await manager.infer(manager.entry("b"), request())  # a leaves for host memory
+            took = time.monotonic() - started
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
+        assert runtime.releases == [] and "evicted" not in caplog.text, caplog.text
+        assert took < 0.4
+        await manager.infer(manager.entry("a"), request())  # restored; b leaves the same way
+        assert runtime.releases == [] and gpu.ours == 100 * MiB
 
 
 async def test_idle_models_are_evicted_after_their_timeout(tmp_path):
