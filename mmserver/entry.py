@@ -53,9 +53,10 @@ class ModelEntry:
 
     @property
     def evictable(self) -> bool:
-        """Loaded, idle and not pinned: may be moved out to make room."""
+        """Loaded (or parked in host RAM), idle and not pinned: may be moved out to make room; a
+        parked model then leaves the host tier (and whatever it still holds on a GPU)."""
         return (
-            self.state is ModelState.READY
+            (self.state is ModelState.READY or (self.state is ModelState.UNAVAILABLE and self.parked is not None))
             and self.model is not None
             and self.loading is None
             and not self.pinned

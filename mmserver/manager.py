@@ -497,7 +497,8 @@ class ModelManager:
         # what leaving gives back: what the GPU grew by when the model came, at most its size
         given_back = {device: min(size, entry.arrived.get(device, size)) for device, size in on_gpus.items()}
         entry.metrics.evicted()
-        if model.can_offload and on_gpus and self.residency.host_room_for(sum(on_gpus.values())):
+        parks = entry.parked is None and model.can_offload and bool(on_gpus)  # a parked model is unloaded
+        if parks and self.residency.host_room_for(sum(on_gpus.values())):
             started = time.monotonic()
             self._set_state(entry, ModelState.UNLOADING, f"moving to host memory: {reason}")
             batcher, entry.batcher = entry.batcher, None
@@ -506,8 +507,10 @@ class ModelManager:
             used = {device: self.residency.used(device) for device in on_gpus}
             await model.offload()
             entry.parked = on_gpus
-            self.ledger.reserve(entry.key, model.memory())
-            self.ledger.commit(entry.key, model.memory())
+            remaining = model.memory()  # its host copy, and what it could not take off a GPU
+            self.ledger.reserve(entry.key, remaining)
+            self.ledger.commit(entry.key, remaining)
+            given_back = {device: max(0, size - remaining.get(device, 0)) for device, size in given_back.items()}
             entry.evicted = True
             self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
                             time.monotonic() - started)

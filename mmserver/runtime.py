@@ -95,7 +95,9 @@ class LoadedModel(ABC):
         return False
 
     async def offload(self) -> None:
-        """Move the model's device memory to (pinned) host memory, freeing the device."""
+        """Move the model's device memory to (pinned) host memory, freeing the device; what
+        ``memory`` reports afterwards is what the model still holds, on the host and on any
+        device it could not leave entirely (a sleeping engine's CUDA context)."""
         raise TypeError(f"{type(self).__name__} has no host tier (can_offload is False)")
 
     async def restore(self, placement: Placement) -> None:

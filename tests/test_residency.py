@@ -69,9 +69,10 @@ class FakeHost(Device):
 class GpuModel(LoadedModel):
     """Stands in for a torch model on a GPU (see module docstring)."""
 
-    def __init__(self, gpu: FakeGpu, size: int, leak: int = 0, workspace: int = 0) -> None:
+    def __init__(self, gpu: FakeGpu, size: int, leak: int = 0, workspace: int = 0, kept: int = 0) -> None:
         self.gpu, self.size, self.leak = gpu, size, leak
         self.workspace = workspace  # reported on the GPU beyond what it allocates (room for batches)
+        self.kept = kept  # left on the GPU while in host memory (like a sleeping engine's context)
         self.where = "gpu"
         self.gate: asyncio.Event | None = None  # holds infer() until set
         self.offload_gate: asyncio.Event | None = None  # holds offload() until set
@@ -90,10 +91,14 @@ class GpuModel(LoadedModel):
         if self.where == "gpu":
             self.gpu.ours -= self.size - self.leak
             self.gpu.left_behind += self.leak
+        elif self.where == "host":
+            self.gpu.ours -= self.kept
         self.where = "gone"
 
     def memory(self) -> dict[str, int]:
-        return {self.gpu.name: self.size + self.workspace} if self.where == "gpu" else {HOST: self.size}
+        if self.where == "gpu":
+            return {self.gpu.name: self.size + self.workspace}
+        return {HOST: self.size, **({self.gpu.name: self.kept} if self.kept else {})}
 
     @property
     def can_offload(self) -> bool:
@@ -102,12 +107,12 @@ class GpuModel(LoadedModel):
     async def offload(self) -> None:
         if self.offload_gate is not None:
             await self.offload_gate.wait()
-        self.gpu.ours -= self.size - self.leak
+        self.gpu.ours -= self.size - self.leak - self.kept
         self.gpu.left_behind += self.leak
         self.where = "host"
 
     async def restore(self, placement: Placement) -> None:
-        self.gpu.ours += self.size
+        self.gpu.ours += self.size - self.kept
         self.where = "gpu"
 
 
@@ -118,8 +123,9 @@ class GpuRuntime(Runtime):
     supports_gpu = True
 
     def __init__(self, gpus: dict[str, FakeGpu], leak: int = 0, cached: bool = False, context: int = 0,
-                 workspace: int = 0) -> None:
-        self.gpus, self.leak, self.workspace = gpus, leak, workspace
+                 **model_options: int) -> None:
+        self.gpus, self.leak = gpus, leak
+        self.model_options = model_options  # GpuModel's workspace and kept
         self.cached = cached  # what models leave behind is an allocator cache the runtime can empty
         self.context = context  # bytes the first use of a device costs (a CUDA context)
         self.contexts: set[str] = set()
@@ -148,7 +154,7 @@ class GpuRuntime(Runtime):
         self.prepare_device(placement)  # like torch: the first use of a device makes its context
         self.loaded.append(spec.name)
         size = int((spec.artifact / "size_mib").read_text()) * MiB
-        return GpuModel(self.gpus[placement.device], size, self.leak, self.workspace)
+        return GpuModel(self.gpus[placement.device], size, self.leak, **self.model_options)
 
 
 class HostModel(LoadedModel):
@@ -199,9 +205,9 @@ def request() -> InferRequest:
 
 def make_manager(repo: Path, gpu_budget: str = "300MiB", host: int = 10_000 * MiB, leak: int = 0,
                  cached: bool = False, context: int = 0, per_process: bool = True, workspace: int = 0,
-                 **settings):
+                 kept: int = 0, **settings):
     gpu = FakeGpu(per_process=per_process)
-    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context, workspace)
+    runtime = GpuRuntime({"cuda:0": gpu}, leak, cached, context, workspace=workspace, kept=kept)
     manager = ModelManager(
         Settings(model_repository=repo, gpu_memory_budget=gpu_budget, host_memory_budget=host,
                  memory_margin=0, **settings),
@@ -479,6 +485,56 @@ async def test_an_eviction_waits_for_what_the_model_took_not_for_its_reserved_ro
         assert took < 0.4
         await manager.infer(manager.entry("a"), request())  # restored; b leaves the same way
         assert runtime.releases == [] and gpu.ours == 100 * MiB
+
+
+async def test_what_a_parked_model_keeps_on_the_gpu_stays_in_the_ledger_until_it_is_unloaded(tmp_path, caplog):
+    """A model that cannot take everything off the GPU when it parks (a sleeping vLLM engine keeps
+    its CUDA context) still holds that in the ledger; a load that needs it unloads the parked
+    model (it then comes back from disk)."""
+    for name in ("a", "b", "c"):
+        write_model(tmp_path, name, 100, "" if name == "a" else "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path, gpu_budget="250MiB", kept=40 * MiB)
+    async with serving(manager):
+        with caplog.at_level(logging.INFO, logger="mmserver.residency"):
+            await manager.infer(manager.entry("b"), request())  # 150 free: b fits beside a
+            await manager.infer(manager.entry("c"), request())  # 50 free: the LRU (a) parks, keeping 40
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "c": "READY"}
+        assert manager.ledger.held("a:1") == {HOST: 100 * MiB, "cuda:0": 40 * MiB}
+        assert gpu.ours == 240 * MiB == manager.ledger.used("cuda:0")
+        assert runtime.releases == [] and "evicted" not in caplog.text, caplog.text  # 60 came back, as due
+        # b goes to make room for a's return; a's 40 count toward what it needs
+        await manager.infer(manager.entry("a"), request())
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "c": "READY"}
+        assert gpu.ours == 240 * MiB == manager.ledger.used("cuda:0")
+        # a load that needs what the parked b keeps unloads it from the host tier
+        write_model(tmp_path, "d", 150, "load: lazy\n")
+        await manager.rescan()
+        await manager.infer(manager.entry("d"), request())
+        assert states(manager)["b"] == "UNAVAILABLE" and manager.ledger.held("b:1") == {}
+        assert manager.entry("b").reason == "evicted, reloads on the next request"
+        assert gpu.ours == manager.ledger.used("cuda:0") <= 250 * MiB
+
+
+async def test_a_parked_model_leaves_the_host_tier_for_a_model_that_needs_host_memory(tmp_path):
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    write_model(tmp_path, "h", 25, "load: lazy\n")
+    (tmp_path / "h" / "model.yaml").write_text("runtime: fakehost\nload: lazy\n")
+    gpu = FakeGpu()
+    manager = ModelManager(
+        Settings(model_repository=tmp_path, gpu_memory_budget=100 * MiB, host_memory_budget=150 * MiB,
+                 memory_margin=0),
+        RuntimeRegistry({"fakegpu": GpuRuntime({"cuda:0": gpu}), "fakehost": HostRuntime()}),
+        devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
+    )
+    async with serving(manager):
+        await manager.infer(manager.entry("b"), request())  # a parks in host memory (100 of 150)
+        assert manager.ledger.held("a:1") == {HOST: 100 * MiB}
+        await manager.infer(manager.entry("h"), request())  # predicts 100: a leaves the host tier
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "h": "READY"}
+        assert manager.ledger.held("a:1") == {} and manager.ledger.used(HOST) == 25 * MiB
+        await manager.infer(manager.entry("a"), request())  # back from disk, b parks
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "h": "READY"}
 
 
 async def test_idle_models_are_evicted_after_their_timeout(tmp_path):

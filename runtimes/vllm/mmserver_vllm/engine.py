@@ -56,7 +56,7 @@ from mmserver.runtime import HOST, BatchingMode, LoadedModel, Placement, run_syn
 from mmserver.spec import ModelSpec  # noqa: E402
 from mmserver.types import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
 
-from .options import Options  # noqa: E402
+from .options import GPU_ENGINE_OVERHEAD, Options  # noqa: E402
 
 try:  # the names of vLLM's request errors moved between releases
     from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: E402
@@ -382,11 +382,14 @@ class VllmModel(LoadedModel, TextGenerator):
 
     def _measure(self) -> dict[str, int]:
         """The engine's footprint on its device; on the CPU at least what its processes take
-        (their proportional share of resident memory)."""
+        (their proportional share of resident memory). Asleep, its processes keep their CUDA
+        context and buffers on the GPU (the engine's overhead) and, at level 1, the weights in
+        host RAM."""
         if self.engine is None:
             return {}
         if self.asleep:
-            return {HOST: self.options.weight_bytes} if self.options.sleep_level == 1 else {}
+            kept = {self.device: GPU_ENGINE_OVERHEAD}
+            return {HOST: self.options.weight_bytes, **kept} if self.options.sleep_level == 1 else kept
         size = self.options.footprint()
         if not self.options.is_gpu:
             resident = 0
