@@ -1,6 +1,6 @@
 """Queues, backpressure, deadlines, disconnects and metrics, through the real server over HTTP.
 
-The repository holds real scikit-learn models trained here: ``slow`` is a 300-tree forest
+The repository holds real scikit-learn models trained here: ``slow`` is a 3000-tree forest
 (tens of ms per call on this machine) with one request per batch and a queue of 4, so queues
 fill on demand; ``batched`` batches up to 16 rows; ``lazy-big`` is a large forest that loads on
 its first request; ``counted`` is a LogisticRegression used only for exact metric counts.
@@ -36,7 +36,8 @@ def queue_repo(tmp_path_factory):
     x = rng.normal(size=(600, FEATURES))
     y = (x[:, 0] + x[:, 1] > 0).astype(int)
     root = tmp_path_factory.mktemp("queues") / "repo"
-    slow = RandomForestClassifier(n_estimators=300, max_depth=4, random_state=0).fit(x, y)
+    # tens of ms a call even through the runtime's forest path: a burst arrives well within one call
+    slow = RandomForestClassifier(n_estimators=3000, max_depth=4, random_state=0).fit(x, y)
     _write(root, "slow", slow, "batching: {max_batch_size: 1, max_queue: 4}\n")
     batched = RandomForestClassifier(n_estimators=20, random_state=0).fit(x, y)
     _write(root, "batched", batched, "batching: {max_batch_size: 16, max_delay_ms: 5}\n")
