@@ -127,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         weights = build_models(repo, args.models, args.model_mib, args.device)
-        fitting = max(2, args.models // 3)
+        fitting = max(1, args.models // 3)
         # admission needs the runtime's prediction free; a loaded model then holds its weights (on
         # a GPU also the activation allowance of the prediction); on a GPU the CUDA context counts
         predicted = estimate_memory(repo / "m0" / "1", device, {})[device]
