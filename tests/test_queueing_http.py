@@ -1,7 +1,7 @@
 """Queues, backpressure, deadlines, disconnects and metrics, through the real server over HTTP.
 
 The repository holds real scikit-learn models trained here: ``slow`` is a 3000-tree forest
-(tens of ms per call on this machine) with one request per batch and a queue of 4, so queues
+(300 trees fitted, each in it ten times: tens of ms per call on this machine) with one request per batch and a queue of 4, so queues
 fill on demand; ``batched`` batches up to 16 rows; ``lazy-big`` is a large forest that loads on
 its first request; ``counted`` is a LogisticRegression used only for exact metric counts.
 """
@@ -30,6 +30,11 @@ def _write(root: Path, name: str, estimator, yaml_text: str) -> None:
     (root / name / "model.yaml").write_text(yaml_text)
 
 
+def _forest(x: np.ndarray, y: np.ndarray, **params) -> RandomForestClassifier:
+    """A forest fitted on every core, then kept to predict as one would save it (n_jobs unset)."""
+    return RandomForestClassifier(n_jobs=-1, random_state=0, **params).fit(x, y).set_params(n_jobs=None)
+
+
 @pytest.fixture(scope="module")
 def queue_repo(tmp_path_factory):
     rng = np.random.default_rng(7)
@@ -37,12 +42,13 @@ def queue_repo(tmp_path_factory):
     y = (x[:, 0] + x[:, 1] > 0).astype(int)
     root = tmp_path_factory.mktemp("queues") / "repo"
     # tens of ms a call even through the runtime's forest path: a burst arrives well within one call
-    slow = RandomForestClassifier(n_estimators=3000, max_depth=4, random_state=0).fit(x, y)
+    slow = _forest(x, y, n_estimators=300, max_depth=4)
+    slow.estimators_ *= 10  # the cost of 3000 trees a call, without fitting them; same predictions
+    slow.n_estimators = len(slow.estimators_)
     _write(root, "slow", slow, "batching: {max_batch_size: 1, max_queue: 4}\n")
-    batched = RandomForestClassifier(n_estimators=20, random_state=0).fit(x, y)
+    batched = _forest(x, y, n_estimators=20)
     _write(root, "batched", batched, "batching: {max_batch_size: 16, max_delay_ms: 5}\n")
-    big = RandomForestClassifier(n_estimators=600, random_state=0).fit(
-        rng.normal(size=(6000, FEATURES)), rng.integers(0, 2, 6000))
+    big = _forest(rng.normal(size=(6000, FEATURES)), rng.integers(0, 2, 6000), n_estimators=600)
     _write(root, "lazy-big", big, "load: lazy\nbatching: {max_queue: 2}\n")
     counted = LogisticRegression().fit(x, y)
     _write(root, "counted", counted, "batching: {max_batch_size: 8}\n")

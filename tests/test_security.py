@@ -23,6 +23,7 @@ import trustme
 from mmserver.api import openapi
 
 from hardening_support import IRIS_ROWS, build_small_repo, infer_body, predicted
+from v2_helpers import LOCAL
 
 TOKEN = "s3cret-token-Zq8"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}
@@ -99,7 +100,7 @@ V2_OK = {("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2")
 
 def call(url: str, method: str, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
     body = infer_body() if path.endswith("/infer") else None
-    return httpx.request(method, f"{url}{path}", json=body, headers=headers or {}, timeout=20, **kwargs)
+    return LOCAL.request(method, f"{url}{path}", json=body, headers=headers or {}, timeout=20, **kwargs)
 
 
 def assert_401(response: httpx.Response, where) -> None:

@@ -493,10 +493,11 @@ def _state(server: RunningServer, name: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(900)
 def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path: Path) -> None:
-    """Two lazy vLLM models that cannot both fit the host budget take turns: each request to the
-    other one shuts the first engine down (no process left) and starts its own; the reloaded
-    model answers as before. A killed engine is reported with the reason, leaves no process and
-    restarts on the next request; SIGTERM ends every engine process."""
+    """Two lazy vLLM models that cannot both fit the host budget, in three engine starts (each
+    costs half a minute here): a killed engine is reported with the reason and leaves no
+    process; the other model then starts; the first one's next request restarts it, which
+    evicts the other by shutdown (no process left), and it answers as before; SIGTERM ends
+    every engine process."""
     import psutil
 
     repo = tmp_path / "repo"
@@ -516,23 +517,6 @@ def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path:
         assert len(a_pids) >= 2  # the engine core and its worker
         seen |= a_pids
 
-        other = post(server, "/v1/completions", {"model": "llm-b", **body})  # evicts llm-a by shutdown
-        assert other.status_code == 200, other.text
-        _wait_gone(a_pids)
-        assert _state(server, "llm-a")["state"] == "UNAVAILABLE"
-        assert "evicted" in _state(server, "llm-a")["reason"]
-        b_pids = set(_engine_processes(server))
-        assert b_pids and not b_pids & a_pids
-        seen |= b_pids
-
-        again = post(server, "/v1/completions", {"model": "llm-a", **body})  # evicts llm-b, reloads llm-a
-        assert again.status_code == 200, again.text
-        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
-        assert again.json()["usage"] == first.json()["usage"]
-        _wait_gone(b_pids)
-        a_pids = set(_engine_processes(server))
-        seen |= a_pids
-
         # the engine core dies: the model is reported unavailable and its worker does not stay
         core = next(pid for pid, name in _engine_processes(server).items() if "EngineCor" in name)
         psutil.Process(core).send_signal(signal.SIGKILL)
@@ -543,9 +527,19 @@ def test_eviction_by_shutdown_reload_crash_and_sigterm(llm_repo: Path, tmp_path:
         assert "exited" in row["reason"] and str(core) in row["reason"], row
         _wait_gone(a_pids)
 
-        restarted = post(server, "/v1/completions", {"model": "llm-a", **body})  # its next request restarts it
-        assert restarted.status_code == 200, restarted.text
-        assert restarted.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        other = post(server, "/v1/completions", {"model": "llm-b", **body})
+        assert other.status_code == 200, other.text
+        b_pids = set(_engine_processes(server))
+        assert b_pids and not b_pids & a_pids
+        seen |= b_pids
+
+        again = post(server, "/v1/completions", {"model": "llm-a", **body})  # restarts, evicting llm-b
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert again.json()["usage"] == first.json()["usage"]
+        _wait_gone(b_pids)
+        assert _state(server, "llm-b")["state"] == "UNAVAILABLE"
+        assert "evicted" in _state(server, "llm-b")["reason"]
         seen |= set(_engine_processes(server))  # one engine up for SIGTERM
     _wait_gone(seen, timeout=5)  # no orphan once the server has stopped
 
