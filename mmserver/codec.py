@@ -33,7 +33,6 @@ DTYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
-NUMERIC_DATATYPES = frozenset(DTYPES) - {"BYTES", "BOOL"}
 MAX_DIMS = 32
 BINARY_HEADER = "inference-header-content-length"
 

@@ -46,12 +46,6 @@ class InferRequest:
     id: str | None = None
     parameters: Parameters = field(default_factory=dict)
 
-    def input(self, name: str) -> InferInput | None:
-        for tensor in self.inputs:
-            if tensor.name == name:
-                return tensor
-        return None
-
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(out.name for out in self.outputs)

@@ -53,11 +53,6 @@ log = logging.getLogger("mmserver_transformers")
 
 TEXT_INPUTS = ("text", "text_input")
 IDS_INPUT, MASK_INPUT = "input_ids", "attention_mask"
-OUTPUTS = {
-    CLASSIFICATION: ("scores", "label"),
-    EMBEDDING: ("embedding",),
-    GENERATION: ("text_output", "output_ids"),
-}
 AUTO_CLASSES = {
     CLASSIFICATION: AutoModelForSequenceClassification,
     EMBEDDING: AutoModel,

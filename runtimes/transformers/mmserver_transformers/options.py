@@ -42,8 +42,6 @@ KNOWN_PARAMETERS = frozenset({
 _MLSERVER_KEYS = frozenset({"pretrained_model", "pretrained_tokenizer", "framework", "optimum_model",
                             "device", "batch_size", "inter_op_threads", "intra_op_threads",
                             "task_suffix", "model_kwargs"})
-#: the request parameters that steer generation
-GENERATION_PARAMETERS = ("max_new_tokens", "temperature", "top_p", "do_sample", "seed")
 
 
 def task_of(config: dict[str, Any], parameters: dict[str, Any]) -> str:
