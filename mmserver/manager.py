@@ -498,32 +498,42 @@ class ModelManager:
         given_back = {device: min(size, entry.arrived.get(device, size)) for device, size in on_gpus.items()}
         entry.metrics.evicted()
         parks = entry.parked is None and model.can_offload and bool(on_gpus)  # a parked model is unloaded
-        if parks and self.residency.host_room_for(sum(on_gpus.values())):
-            started = time.monotonic()
-            self._set_state(entry, ModelState.UNLOADING, f"moving to host memory: {reason}")
-            batcher, entry.batcher = entry.batcher, None
-            if batcher is not None:
-                await batcher.drain()
-            used = {device: self.residency.used(device) for device in on_gpus}
-            await model.offload()
-            entry.parked = on_gpus
+        used = {device: self.residency.used(device) for device in on_gpus}
+        if parks and self.residency.host_room_for(sum(on_gpus.values())) and await self._park(entry, reason, on_gpus):
             remaining = model.memory()  # its host copy, and what it could not take off a GPU
-            self.ledger.reserve(entry.key, remaining)
-            self.ledger.commit(entry.key, remaining)
             given_back = {device: max(0, size - remaining.get(device, 0)) for device, size in given_back.items()}
-            entry.evicted = True
-            self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
-                            time.monotonic() - started)
         else:
-            used = {device: self.residency.used(device) for device in on_gpus}
             await self._unload(entry, f"evicted: {reason}")
-            entry.evicted = True
             entry.reason = "evicted, reloads on the next request"
+        entry.evicted = True
         for device, size in given_back.items():
             if used[device] is not None:
                 await self.residency.wait_released(
                     device, used[device], size, lambda d=device: run_sync(self.registry.release_cached_memory, d)
                 )
+
+    async def _park(self, entry: ModelEntry, reason: str, on_gpus: dict[str, int]) -> bool:
+        """Move a model's weights off ``on_gpus`` to host RAM (False, the model left as it was,
+        if it could not)."""
+        model = entry.model
+        assert model is not None
+        started = time.monotonic()
+        self._set_state(entry, ModelState.UNLOADING, f"moving to host memory: {reason}")
+        batcher, entry.batcher = entry.batcher, None
+        if batcher is not None:
+            await batcher.drain()
+        try:
+            await model.offload()
+        except Exception as exc:  # e.g. host memory that cannot be page-locked: the caller unloads it
+            log.warning("model %s could not move to host memory (%s: %s)", entry.key, type(exc).__name__, exc)
+            return False
+        entry.parked = on_gpus
+        remaining = model.memory()
+        self.ledger.reserve(entry.key, remaining)
+        self.ledger.commit(entry.key, remaining)
+        self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
+                        time.monotonic() - started)
+        return True
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         if entry.loading is not None:

@@ -76,6 +76,7 @@ class GpuModel(LoadedModel):
         self.where = "gpu"
         self.gate: asyncio.Event | None = None  # holds infer() until set
         self.offload_gate: asyncio.Event | None = None  # holds offload() until set
+        self.offload_error: Exception | None = None  # raised by offload(), the model left on the GPU
         gpu.ours += size
 
     def metadata(self) -> ModelMetadata:
@@ -107,6 +108,8 @@ class GpuModel(LoadedModel):
     async def offload(self) -> None:
         if self.offload_gate is not None:
             await self.offload_gate.wait()
+        if self.offload_error is not None:
+            raise self.offload_error
         self.gpu.ours -= self.size - self.leak - self.kept
         self.gpu.left_behind += self.leak
         self.where = "host"
@@ -332,6 +335,22 @@ async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_p
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
         assert gpu.ours == 200 * MiB
+
+
+async def test_a_model_that_cannot_move_to_host_memory_is_unloaded_instead(tmp_path, caplog):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    async with serving(manager):
+        manager.entry("a").model.offload_error = RuntimeError("cudaHostRegister failed with CUDA error 2")
+        await manager.infer(manager.entry("b"), request())
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
+        assert manager.entry("a").reason == "evicted, reloads on the next request"
+        assert manager.ledger.held("a:1") == {} and gpu.ours == 200 * MiB
+        assert "a:1 could not move to host memory (RuntimeError: cudaHostRegister failed" in caplog.text
+        await manager.infer(manager.entry("a"), request())
+        assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE"}
 
 
 # ----------------------------------------------------------------------------- requests meeting an unload

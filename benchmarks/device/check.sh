@@ -7,8 +7,9 @@
 # (with vLLM's first part too, carry=[".whl", ".vllm/1"]: see vllm_wheels.py). Steps, logs under
 # $OUT, each step's exit status in $OUT/summary.txt, sized to end in about 6 minutes:
 #   1. the machine: nvidia-smi, torch and NVML versions;
-#   2. the GPU tests: fp16 placement and measured sizes, offload/restore through pinned host
-#      memory, and the memory scenario through HTTP with NVML as the judge (pytest -m gpu);
+#   2. the GPU tests: fp16 placement and measured sizes, offload/restore through page-locked
+#      host memory (and its buffer alone), and the memory scenario through HTTP with NVML as the
+#      judge (pytest -m gpu);
 #   3. benchmarks/memory_swap.py on CUDA: swap-in from the host tier and from disk against their
 #      baselines, a Zipf stream over 3x more ~1 GB models than fit, NVML back to baseline.
 # MEMORY_SWAP_ARGS overrides step 3's arguments; a local dry run (no GPU, nothing carried):
@@ -21,7 +22,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 step machine 60 bash -c 'nvidia-smi; python3 -c "import torch, pynvml, transformers; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, pynvml.__name__)"'
 step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra -s" \
-  tests/test_transformers_runtime.py tests/test_memory_scenario.py
+  tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
 # shellcheck disable=SC2086  # the arguments are meant to split
 step memory-swap 300 python3 benchmarks/memory_swap.py ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 9 --minutes 2}
 cat "$summary"

@@ -35,11 +35,13 @@ from transformers import (
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from mmserver.generation import GenerationChunk, GenerationRequest, TextGenerator
 from mmserver.checkpoint import max_positions, read_config, weight_files
+from mmserver.memory import format_bytes
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 from .estimate import activation_allowance
+from .host_copy import HostCopy
 from .options import (
     CLASSIFICATION,
     EMBEDDING,
@@ -196,6 +198,7 @@ class TransformersModel(LoadedModel, TextGenerator):
         self.threads = options.threads
         self._lock = threading.Lock()  # compute, offload, restore and unload never overlap
         self._offloaded = False
+        self._host: HostCopy | None = None  # the host tier's buffer while offloaded
         self._gpu = device.startswith("cuda")
         # On a GPU, torch's caching allocator keeps what a batch's activations took: the model
         # holds this much device memory beyond its weights (the estimate's allowance)
@@ -641,24 +644,21 @@ class TransformersModel(LoadedModel, TextGenerator):
             if self._offloaded or self.model is None:
                 return
             started = time.perf_counter()
-            device = torch.device(self.device)
-            moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+            sources = self._distinct_tensors()
+            host = HostCopy(list(sources.values()), page_lock=True)
+            for view, source in zip(host.views, sources.values(), strict=True):
+                view.copy_(source.data, non_blocking=True)
+            torch.cuda.synchronize(torch.device(self.device))
+            views = dict(zip(sources, host.views, strict=True))
             for tensor in self._tensors():
-                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-                pinned = moved.get(key)
-                if pinned is None:
-                    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-                    pinned.copy_(tensor.data, non_blocking=True)
-                    moved[key] = pinned
-                tensor.data = pinned
-            torch.cuda.synchronize(device)
-            moved.clear()
+                tensor.data = views[_storage_key(tensor)]
+            self._host = host
             gc.collect()
             torch.cuda.empty_cache()
             self._offloaded = True
             self._memory = self._measure()
-            log.info("model %s: offloaded to pinned host memory in %.3f s", self.label,
-                     time.perf_counter() - started)
+            log.info("model %s: offloaded to page-locked host memory (%s) in %.3f s", self.label,
+                     format_bytes(host.nbytes), time.perf_counter() - started)
 
     async def restore(self, placement: Placement) -> None:
         if not placement.is_gpu:
@@ -675,20 +675,29 @@ class TransformersModel(LoadedModel, TextGenerator):
                 raise ModelNotReady(f"model {self.label} is on {self.device}; offload it before moving it")
             started = time.perf_counter()
             device = torch.device(device_name)
-            moved: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+            targets = {key: source.data.to(device, non_blocking=True)
+                       for key, source in self._distinct_tensors().items()}
             for tensor in self._tensors():
-                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-                target = moved.get(key)
-                if target is None:
-                    target = tensor.data.to(device, non_blocking=True)
-                    moved[key] = target
-                tensor.data = target
+                tensor.data = targets[_storage_key(tensor)]
             torch.cuda.synchronize(device)
+            self._release_host_copy()
             self.device = device_name
             self._offloaded = False
             self._memory = self._measure()
             log.info("model %s: restored onto %s in %.3f s", self.label, device_name,
                      time.perf_counter() - started)
+
+    def _distinct_tensors(self) -> dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor]:
+        """The tensors to move, one per storage view (tensors tied to one storage move once)."""
+        distinct: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        for tensor in self._tensors():
+            distinct.setdefault(_storage_key(tensor), tensor)
+        return distinct
+
+    def _release_host_copy(self) -> None:
+        if self._host is not None:
+            self._host.release()
+            self._host = None
 
     async def unload(self) -> None:
         await run_sync(self._unload)
@@ -701,6 +710,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             # objects out of the garbage collector, so reference cycles would keep them).
             for tensor in self._tensors():
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            self._release_host_copy()
             self.model = None
             self.tokenizer = None
             self._counter = None
@@ -709,6 +719,10 @@ class TransformersModel(LoadedModel, TextGenerator):
         if self._gpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("model %s: unloaded", self.label)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
 
 
 def _flag(request: InferRequest, name: str, default: bool = False) -> bool:

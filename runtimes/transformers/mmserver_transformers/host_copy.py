@@ -1,0 +1,63 @@
+"""A GPU model's host tier: its tensors in one exact-size, page-locked host buffer.
+
+torch's pinned allocator (``pin_memory=True``) rounds every allocation up to a power of two and
+keeps freed blocks for later ones: a model's host copy could take up to twice its size (an 86 MiB
+Llama MLP matrix takes 128 MiB), and go on taking it after the model went back to its GPU, out
+of sight of the host budget. ``HostCopy`` makes one ordinary host allocation of the tensors'
+total size, each tensor at an aligned offset, page-locks it with ``cudaHostRegister`` while it
+holds the copy (so copies run at the pinned speed), and unlocks and frees it on ``release``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+#: each tensor starts at a multiple of this many bytes in the buffer
+ALIGNMENT = 512
+#: cudaHostRegisterPortable: pinned for every GPU, so a model may come back on another one
+_PORTABLE = 1
+
+
+class HostCopy:
+    """Host room for ``tensors`` (their shapes and dtypes; nothing is copied here): ``views``
+    holds one contiguous host tensor per given tensor, in order, inside one buffer."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], page_lock: bool) -> None:
+        offsets, end = [], 0
+        for tensor in tensors:
+            start = -(-end // ALIGNMENT) * ALIGNMENT
+            offsets.append(start)
+            end = start + tensor.numel() * tensor.element_size()
+        self.nbytes = end
+        self._buffer: torch.Tensor | None = torch.empty(end, dtype=torch.uint8, device="cpu")
+        self._locked = False
+        if page_lock and end:
+            _check(torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), end, _PORTABLE), "cudaHostRegister")
+            self._locked = True
+        self.views = [self._view(offset, tensor) for offset, tensor in zip(offsets, tensors, strict=True)]
+
+    def _view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        assert self._buffer is not None
+        size = like.numel() * like.element_size()
+        if size == 0:
+            return torch.empty(like.shape, dtype=like.dtype, device="cpu")
+        return self._buffer[offset:offset + size].view(like.dtype).view(like.shape)
+
+    def release(self) -> None:
+        """Unlock and free the buffer; no copy into or out of it may still run, and nothing
+        else may still use its views."""
+        if self._buffer is None:
+            return
+        if self._locked:
+            _check(torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr()), "cudaHostUnregister")
+            self._locked = False
+        self.views = []
+        self._buffer = None
+
+
+def _check(status: object, call: str) -> None:
+    code = int(status)  # type: ignore[call-overload]
+    if code != 0:
+        raise RuntimeError(f"{call} failed with CUDA error {code}")
