@@ -133,10 +133,10 @@ def test_detection_and_estimate_import_neither_vllm_nor_torch(llm_repo: Path) ->
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    from mmserver_vllm.options import CPU_ENGINE_OVERHEAD, DEFAULT_CPU_KV_CACHE
+    from mmserver_vllm.options import ENGINE_HOST_OVERHEAD, DEFAULT_CPU_KV_CACHE
 
     weights = (llm_repo / "llm-a" / "model.safetensors").stat().st_size // 2  # float32 -> bfloat16
-    assert abs(int(result.stdout) - (weights + DEFAULT_CPU_KV_CACHE + CPU_ENGINE_OVERHEAD)) < 4096
+    assert abs(int(result.stdout) - (weights + DEFAULT_CPU_KV_CACHE + ENGINE_HOST_OVERHEAD)) < 4096
 
 
 def test_only_generators_are_vllm_models(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_only_generators_are_vllm_models(tmp_path: Path) -> None:
 
 def test_engine_options_from_model_yaml(llm_repo: Path) -> None:
     from mmserver.errors import ModelLoadError
-    from mmserver_vllm.options import Options
+    from mmserver_vllm.options import ENGINE_HOST_OVERHEAD, Options
 
     options = Options.parse(llm_repo / "llm-b", "cpu", {"max_num_seqs": 8, "kv_cache_memory_bytes": "128MiB"}, None)
     assert (options.kv_cache_bytes, options.max_num_seqs, options.max_model_len) == (128 * 2**20, 8, 256)
@@ -163,6 +163,23 @@ def test_engine_options_from_model_yaml(llm_repo: Path) -> None:
             Options.parse(llm_repo / "llm-b", "cpu", bad, None)
     gpu = Options.parse(llm_repo / "llm-a", "cuda:0", {}, 2 * 2**30)  # the declared size sizes the KV cache
     assert gpu.footprint() == 2 * 2**30
+    assert gpu.sizes() == {"cuda:0": 2 * 2**30, "cpu": ENGINE_HOST_OVERHEAD}  # its processes live in host RAM
+    assert options.sizes() == {"cpu": options.footprint()}
+
+
+def test_a_running_engine_is_charged_what_its_processes_hold(llm_repo: Path) -> None:
+    from mmserver_vllm.options import GPU_ENGINE_OVERHEAD, Options
+
+    cpu = Options.parse(llm_repo / "llm-b", "cpu", {"kv_cache_memory_bytes": "128MiB"}, None)
+    assert cpu.measured(0, asleep=False) == {"cpu": cpu.footprint()}
+    assert cpu.measured(5 * 2**30, asleep=False) == {"cpu": 5 * 2**30 + 128 * 2**20}
+    gpu = Options.parse(llm_repo / "llm-a", "cuda:0", {}, 2 * 2**30)
+    assert gpu.measured(1_500 * 2**20, asleep=False) == {"cuda:0": 2 * 2**30, "cpu": 1_500 * 2**20}
+    # asleep: the CUDA context stays on the GPU; the host holds at least the weights' copy
+    assert gpu.measured(10, asleep=True) == {"cuda:0": GPU_ENGINE_OVERHEAD, "cpu": gpu.weight_bytes}
+    assert gpu.measured(3 * 2**30, asleep=True) == {"cuda:0": GPU_ENGINE_OVERHEAD, "cpu": 3 * 2**30}
+    deep = Options.parse(llm_repo / "llm-a", "cuda:0", {"sleep_level": 2}, 2 * 2**30)
+    assert deep.measured(10, asleep=True) == {"cuda:0": GPU_ENGINE_OVERHEAD, "cpu": 10}
 
 
 # ----------------------------------------------------------------------------- serving

@@ -34,7 +34,7 @@ class VllmRuntime(Runtime):
 
     def estimate(self, spec: ModelSpec, placement: Placement) -> dict[str, int]:
         options = Options.parse(spec.artifact, placement.device, spec.config.parameters, _declared(spec))
-        return {placement.device: options.footprint()}
+        return options.sizes()
 
     async def load(self, spec: ModelSpec, placement: Placement) -> LoadedModel:
         engine = await run_sync(_import_engine)  # vllm and torch: seconds to import, off the loop

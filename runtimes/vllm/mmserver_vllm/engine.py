@@ -52,11 +52,11 @@ from mmserver.generation import (  # noqa: E402
     generate_all,
     parse_sampling,
 )
-from mmserver.runtime import HOST, BatchingMode, LoadedModel, Placement, run_sync  # noqa: E402
+from mmserver.runtime import BatchingMode, LoadedModel, Placement, run_sync  # noqa: E402
 from mmserver.spec import ModelSpec  # noqa: E402
 from mmserver.types import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
 
-from .options import GPU_ENGINE_OVERHEAD, Options  # noqa: E402
+from .options import Options  # noqa: E402
 
 try:  # the names of vLLM's request errors moved between releases
     from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: E402
@@ -381,25 +381,17 @@ class VllmModel(LoadedModel, TextGenerator):
         return dict(self._memory)
 
     def _measure(self) -> dict[str, int]:
-        """The engine's footprint on its device; on the CPU at least what its processes take
-        (their proportional share of resident memory). Asleep, its processes keep their CUDA
-        context and buffers on the GPU (the engine's overhead) and, at level 1, the weights in
-        host RAM."""
-        if self.engine is None:
-            return {}
-        if self.asleep:
-            kept = {self.device: GPU_ENGINE_OVERHEAD}
-            return {HOST: self.options.weight_bytes, **kept} if self.options.sleep_level == 1 else kept
-        size = self.options.footprint()
-        if not self.options.is_gpu:
-            resident = 0
-            for process in self.processes:
-                try:
-                    resident += psutil.Process(process.pid).memory_full_info().pss
-                except (psutil.Error, AttributeError):
-                    pass
-            size = max(size, resident + self.options.kv_cache_bytes)
-        return {self.device: size}
+        return self.options.measured(self._resident(), self.asleep) if self.engine is not None else {}
+
+    def _resident(self) -> int:
+        """The PSS of the engine's processes, in bytes."""
+        total = 0
+        for process in self.processes:
+            try:
+                total += psutil.Process(process.pid).memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                pass
+        return total
 
     # -------------------------------------------------------------- V2 inference
 

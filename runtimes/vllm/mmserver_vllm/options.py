@@ -20,6 +20,7 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from mmserver.checkpoint import CONFIG_FILE, checkpoint_bytes, kv_bytes_per_token, max_positions, read_config
 from mmserver.errors import ModelLoadError
+from mmserver.runtime import HOST
 
 log = logging.getLogger("mmserver_vllm")
 
@@ -38,10 +39,10 @@ DEFAULT_MAX_MODEL_LEN = 8192
 #: below this many weight bytes a model runs eagerly (no CUDA graphs, no torch.compile): their
 #: capture and compilation cost more start-up time than they save on small models
 EAGER_BELOW = 2 * GiB
-#: memory an engine takes beyond weights and KV cache: on the CPU, the engine core and worker
-#: processes (their own torch and vLLM, PSS measured about 1.0 GiB for a tiny model); on a GPU,
-#: the CUDA context, activations and sampler buffers
-CPU_ENGINE_OVERHEAD = 1 * GiB
+#: memory an engine takes beyond weights and KV cache: its processes' own host memory (their
+#: Python, torch and vLLM: PSS measured about 1.0 GiB for a tiny model on the CPU), and on a
+#: GPU the CUDA context, activations and sampler buffers
+ENGINE_HOST_OVERHEAD = 1 * GiB
 GPU_ENGINE_OVERHEAD = 768 * MiB
 
 KNOWN_PARAMETERS = frozenset({
@@ -216,8 +217,29 @@ class Options:
 
     def footprint(self) -> int:
         """Bytes the engine takes on its device: weights, KV cache and the engine's overhead."""
-        overhead = GPU_ENGINE_OVERHEAD if self.is_gpu else CPU_ENGINE_OVERHEAD
+        overhead = GPU_ENGINE_OVERHEAD if self.is_gpu else ENGINE_HOST_OVERHEAD
         return self.weight_bytes + self.kv_cache_bytes + overhead
+
+    def sizes(self) -> dict[str, int]:
+        """The bytes the engine will take per device: its footprint, and on a GPU also its
+        processes' own host memory."""
+        if self.is_gpu:
+            return {self.device: self.footprint(), HOST: ENGINE_HOST_OVERHEAD}
+        return {self.device: self.footprint()}
+
+    def measured(self, resident: int, asleep: bool) -> dict[str, int]:
+        """The bytes a running engine takes per device, given ``resident``, its processes'
+        proportional share of resident memory (PSS): on the CPU at least weights and KV cache; on
+        a GPU the footprint there, and in host RAM what its processes hold (their own Python,
+        torch and CUDA libraries, and the pinned copies sleep mode makes). Asleep, its processes
+        keep their CUDA context and buffers on the GPU (the engine's overhead) and, at level 1,
+        the weights in host RAM."""
+        if asleep:
+            copied = self.weight_bytes if self.sleep_level == 1 else 0
+            return {HOST: max(resident, copied), self.device: GPU_ENGINE_OVERHEAD}
+        if not self.is_gpu:
+            return {self.device: max(self.footprint(), resident + self.kv_cache_bytes)}
+        return {self.device: self.footprint(), HOST: resident}
 
 
 def _auto_dtype(config: dict[str, Any]) -> str:
