@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from mmserver_transformers.host_copy import ALIGNMENT, HostCopy  # noqa: E402
+from mmserver_transformers.host_copy import ALIGNMENT, HostCopy, release_later  # noqa: E402
 
 SHAPES = [((3, 5), torch.float32), ((7,), torch.float16), ((0, 4), torch.int64), ((2, 2), torch.bfloat16),
           ((1,), torch.int8), ((4, 3), torch.float64)]
@@ -46,6 +46,26 @@ def test_release_drops_the_buffer_once():
     assert host.views == []
     host.release()
     assert HostCopy([], page_lock=False).nbytes == 0
+
+
+def test_a_copy_released_later_is_gone_before_the_next_one_is_made(monkeypatch):
+    import threading
+
+    first = HostCopy(tensors(), page_lock=False)
+    gate, order = threading.Event(), []
+    release = first.release
+
+    def slow_release() -> None:  # a release still running when the next copy is asked for
+        gate.wait(5)
+        release()
+        order.append("released")
+
+    monkeypatch.setattr(first, "release", slow_release)
+    release_later(first)
+    threading.Timer(0.2, gate.set).start()
+    HostCopy(tensors(), page_lock=False)
+    order.append("made")
+    assert order == ["released", "made"] and first.views == []
 
 
 @pytest.mark.gpu

@@ -6,11 +6,15 @@ Llama MLP matrix takes 128 MiB), and go on taking it after the model went back t
 of sight of the host budget. ``HostCopy`` makes one ordinary host allocation of the tensors'
 total size, each tensor at an aligned offset, page-locks it with ``cudaHostRegister`` while it
 holds the copy (so copies run at the pinned speed), and unlocks and frees it on ``release``.
+Freeing takes time too (about 60 ms a GiB on the development machine): a restore hands its
+copy to ``release_later`` rather than wait for it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -25,6 +29,7 @@ class HostCopy:
     holds one contiguous host tensor per given tensor, in order, inside one buffer."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], page_lock: bool) -> None:
+        _wait_for_releases()  # at most one host copy more than the ledger shows, and only briefly
         offsets, end = [], 0
         for tensor in tensors:
             start = -(-end // ALIGNMENT) * ALIGNMENT
@@ -55,6 +60,25 @@ class HostCopy:
             self._locked = False
         self.views = []
         self._buffer = None
+
+
+_releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host copy release")
+_pending: list[Future[None]] = []
+_pending_lock = threading.Lock()
+
+
+def release_later(copy: HostCopy) -> None:
+    """``copy.release()`` on a background thread; the next ``HostCopy`` waits for it."""
+    with _pending_lock:
+        _pending.append(_releaser.submit(copy.release))
+
+
+def _wait_for_releases() -> None:
+    with _pending_lock:
+        pending = list(_pending)
+        _pending.clear()
+    for future in pending:
+        future.result()
 
 
 def _check(status: object, call: str) -> None:

@@ -41,7 +41,7 @@ from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 from .estimate import activation_allowance
-from .host_copy import HostCopy
+from .host_copy import HostCopy, release_later
 from .options import (
     CLASSIFICATION,
     EMBEDDING,
@@ -680,7 +680,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             for tensor in self._tensors():
                 tensor.data = targets[_storage_key(tensor)]
             torch.cuda.synchronize(device)
-            self._release_host_copy()
+            self._release_host_copy(wait=False)  # freeing it is not part of the swap-in
             self.device = device_name
             self._offloaded = False
             self._memory = self._measure()
@@ -694,9 +694,13 @@ class TransformersModel(LoadedModel, TextGenerator):
             distinct.setdefault(_storage_key(tensor), tensor)
         return distinct
 
-    def _release_host_copy(self) -> None:
+    def _release_host_copy(self, wait: bool) -> None:
+        """Free the host tier's buffer: now, or (``wait=False``) on a background thread."""
         if self._host is not None:
-            self._host.release()
+            if wait:
+                self._host.release()
+            else:
+                release_later(self._host)
             self._host = None
 
     async def unload(self) -> None:
@@ -710,7 +714,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             # objects out of the garbage collector, so reference cycles would keep them).
             for tensor in self._tensors():
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-            self._release_host_copy()
+            self._release_host_copy(wait=True)
             self.model = None
             self.tokenizer = None
             self._counter = None
