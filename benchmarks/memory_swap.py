@@ -15,7 +15,8 @@ of them, and reports:
 2. a Zipf-distributed stream over all models for ``--minutes``: requests sent, failed (target 0),
    evictions, and the device memory sampled against the budget (NVML every 10 ms on a GPU, above
    its reading before the server started; the ledger's figure from /metrics every 100 ms on the CPU)
-   (target: never above the budget, which includes the measured CUDA context);
+   (target: never above the budget, which includes the measured CUDA context); on a GPU also
+   the runtime's offload and restore times during the stream, as the server logged them;
 3. after unloading everything: device memory back at the idle footprint it had with every
    model unloaded after step 1 (the CUDA context and what else the runtime keeps: target +-64 MiB
    on a GPU); that footprint is printed beside the overhead the ledger charges for it.
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +112,20 @@ def call(url: str, body: bytes, timeout: float) -> tuple[int, float]:
 def metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def host_tier_timings(log: str) -> str:
+    """The transformers runtime's offload and restore times, as the server logged them."""
+    offloads = [(m[1], float(m[2])) for m in re.finditer(r"offloaded to (\S+) host memory \(.*?\) in ([\d.]+) s", log)]
+    restores = [float(m[1]) for m in re.finditer(r"restored onto \S+ in ([\d.]+) s", log)]
+    if not offloads or not restores:
+        return "host tier: no offload and restore logged"
+    kinds = ", ".join(sorted({kind for kind, _ in offloads}))
+    offload_ms = sorted(1000 * t for _, t in offloads)
+    restore_ms = sorted(1000 * t for t in restores)
+    return (f"host tier in the server: {len(offload_ms)} offloads ({kinds}) median {statistics.median(offload_ms):.1f} ms, "
+            f"max {offload_ms[-1]:.1f} ms; {len(restore_ms)} restores median {statistics.median(restore_ms):.1f} ms, "
+            f"max {restore_ms[-1]:.1f} ms")
 
 
 def main() -> int:
@@ -193,6 +210,8 @@ def main() -> int:
             print(f"zipf({args.zipf}) stream for {args.minutes:g} min: {sent} requests, {failed} failed, "
                   f"{evictions:.0f} evictions; peak memory above baseline {sampler.peak / 2**20:.0f} MiB of a "
                   f"{budget / 2**20:.0f} MiB budget ({'within' if sampler.peak <= budget else 'OVER'})")
+            if on_gpu:
+                print(host_tier_timings((Path(tmp) / "server.log").read_text()))
 
             # 3. back where it was before the stream, once every model is unloaded again
             left = idle_footprint()[0] - first_idle

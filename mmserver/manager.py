@@ -524,7 +524,7 @@ class ModelManager:
             await batcher.drain()
         try:
             await model.offload()
-        except Exception as exc:  # e.g. host memory that cannot be page-locked: the caller unloads it
+        except Exception as exc:  # e.g. no host memory for its copy: the caller unloads it
             log.warning("model %s could not move to host memory (%s: %s)", entry.key, type(exc).__name__, exc)
             return False
         entry.parked = on_gpus

@@ -40,6 +40,15 @@ def test_every_tensor_gets_an_aligned_view_of_its_shape_in_one_exact_size_buffer
         assert torch.equal(view, source)
 
 
+def test_where_the_buffer_cannot_be_page_locked_it_stays_pageable(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA page-locks it")
+    host = HostCopy(tensors(), page_lock=True)  # this torch has no CUDA: the driver call fails
+    assert not host.locked and len(host.views) == len(SHAPES)
+    assert "this copy stays in pageable memory" in caplog.text
+    host.release()
+
+
 def test_release_drops_the_buffer_once():
     host = HostCopy(tensors(), page_lock=False)
     host.release()
@@ -74,7 +83,7 @@ def test_on_a_gpu_the_buffer_is_page_locked_until_released():
         pytest.skip("needs CUDA")
     sources = tensors("cuda:0")
     host = HostCopy(sources, page_lock=True)
-    assert all(view.is_pinned() for view in host.views if view.numel())
+    assert host.locked and all(view.is_pinned() for view in host.views if view.numel())
     for view, source in zip(host.views, sources, strict=True):
         view.copy_(source, non_blocking=True)
     torch.cuda.synchronize()

@@ -342,12 +342,12 @@ async def test_a_model_that_cannot_move_to_host_memory_is_unloaded_instead(tmp_p
     write_model(tmp_path, "b", 200, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path)
     async with serving(manager):
-        manager.entry("a").model.offload_error = RuntimeError("cudaHostRegister failed with CUDA error 2")
+        manager.entry("a").model.offload_error = MemoryError("no host memory for the copy")
         await manager.infer(manager.entry("b"), request())
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
         assert manager.entry("a").reason == "evicted, reloads on the next request"
         assert manager.ledger.held("a:1") == {} and gpu.ours == 200 * MiB
-        assert "a:1 could not move to host memory (RuntimeError: cudaHostRegister failed" in caplog.text
+        assert "a:1 could not move to host memory (MemoryError: no host memory for the copy)" in caplog.text
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
         assert states(manager) == {"a": "READY", "b": "UNAVAILABLE"}

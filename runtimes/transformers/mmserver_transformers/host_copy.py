@@ -6,17 +6,21 @@ Llama MLP matrix takes 128 MiB), and go on taking it after the model went back t
 of sight of the host budget. ``HostCopy`` makes one ordinary host allocation of the tensors'
 total size, each tensor at an aligned offset, page-locks it with ``cudaHostRegister`` while it
 holds the copy (so copies run at the pinned speed), and unlocks and frees it on ``release``.
-Freeing takes time too (about 60 ms a GiB on the development machine): a restore hands its
+Where the driver refuses to page-lock it (some sandboxes), the copy stays in pageable memory:
+the host tier still works, its copies at the pageable speed. Freeing takes time too (about 60 ms a GiB on the development machine): a restore hands its
 copy to ``release_later`` rather than wait for it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+log = logging.getLogger("mmserver_transformers")
 
 #: each tensor starts at a multiple of this many bytes in the buffer
 ALIGNMENT = 512
@@ -26,7 +30,8 @@ _PORTABLE = 1
 
 class HostCopy:
     """Host room for ``tensors`` (their shapes and dtypes; nothing is copied here): ``views``
-    holds one contiguous host tensor per given tensor, in order, inside one buffer."""
+    holds one contiguous host tensor per given tensor, in order, inside one buffer of
+    ``nbytes``; ``locked`` says whether it is page-locked."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], page_lock: bool) -> None:
         _wait_for_releases()  # at most one host copy more than the ledger shows, and only briefly
@@ -37,10 +42,7 @@ class HostCopy:
             end = start + tensor.numel() * tensor.element_size()
         self.nbytes = end
         self._buffer: torch.Tensor | None = torch.empty(end, dtype=torch.uint8, device="cpu")
-        self._locked = False
-        if page_lock and end:
-            _check(torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), end, _PORTABLE), "cudaHostRegister")
-            self._locked = True
+        self.locked = bool(page_lock and end) and _page_lock(self._buffer)
         self.views = [self._view(offset, tensor) for offset, tensor in zip(offsets, tensors, strict=True)]
 
     def _view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -55,9 +57,9 @@ class HostCopy:
         else may still use its views."""
         if self._buffer is None:
             return
-        if self._locked:
+        if self.locked:
             _check(torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr()), "cudaHostUnregister")
-            self._locked = False
+            self.locked = False
         self.views = []
         self._buffer = None
 
@@ -79,6 +81,16 @@ def _wait_for_releases() -> None:
         _pending.clear()
     for future in pending:
         future.result()
+
+
+def _page_lock(buffer: torch.Tensor) -> bool:
+    """Page-lock ``buffer`` for the GPUs; False (and a warning) where the driver refuses."""
+    try:
+        _check(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), _PORTABLE), "cudaHostRegister")
+    except Exception as exc:  # noqa: BLE001 - a CUDA error, or a torch without CUDA or this call
+        log.warning("host tier: %s; this copy stays in pageable memory (copies at pageable speed)", exc)
+        return False
+    return True
 
 
 def _check(status: object, call: str) -> None:

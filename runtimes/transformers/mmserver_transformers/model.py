@@ -657,8 +657,9 @@ class TransformersModel(LoadedModel, TextGenerator):
             torch.cuda.empty_cache()
             self._offloaded = True
             self._memory = self._measure()
-            log.info("model %s: offloaded to page-locked host memory (%s) in %.3f s", self.label,
-                     format_bytes(host.nbytes), time.perf_counter() - started)
+            log.info("model %s: offloaded to %s host memory (%s) in %.3f s", self.label,
+                     "page-locked" if host.locked else "pageable", format_bytes(host.nbytes),
+                     time.perf_counter() - started)
 
     async def restore(self, placement: Placement) -> None:
         if not placement.is_gpu:
