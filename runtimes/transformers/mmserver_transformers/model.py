@@ -646,9 +646,13 @@ class TransformersModel(LoadedModel, TextGenerator):
             started = time.perf_counter()
             sources = self._distinct_tensors()
             host = HostCopy(list(sources.values()), page_lock=True)
-            for view, source in zip(host.views, sources.values(), strict=True):
-                view.copy_(source.data, non_blocking=True)
-            torch.cuda.synchronize(torch.device(self.device))
+            try:
+                for view, source in zip(host.views, sources.values(), strict=True):
+                    view.copy_(source.data, non_blocking=True)
+                torch.cuda.synchronize(torch.device(self.device))
+            except BaseException:  # the model stays on its GPU, as it was
+                host.release()
+                raise
             views = dict(zip(sources, host.views, strict=True))
             for tensor in self._tensors():
                 tensor.data = views[_storage_key(tensor)]
