@@ -58,10 +58,13 @@ from mmserver.types import InferOutput, InferRequest, InferResponse, ModelMetada
 
 from .options import Options  # noqa: E402
 
-try:  # the names of vLLM's request errors moved between releases
+try:  # vLLM's request errors have their own classes in newer releases
     from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: E402
-except ImportError:  # pragma: no cover - older vLLM
-    GracefulHTTPError = VLLMClientError = ValueError  # type: ignore[misc,assignment]
+except ImportError:  # pragma: no cover - older vLLM (0.26, the GPU image's): its request errors are ValueErrors
+    class GracefulHTTPError(Exception):  # type: ignore[no-redef]
+        """Stands in for newer releases' admission-control error, which older ones never raise."""
+
+    VLLMClientError = ValueError  # type: ignore[misc,assignment]
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 log = logging.getLogger("mmserver_vllm")
