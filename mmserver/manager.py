@@ -499,8 +499,10 @@ class ModelManager:
         entry.metrics.evicted()
         parks = entry.parked is None and model.can_offload and bool(on_gpus)  # a parked model is unloaded
         used = {device: self.residency.used(device) for device in on_gpus}
-        if parks and self.residency.host_room_for(sum(on_gpus.values())) and await self._park(entry, reason, on_gpus):
-            remaining = model.memory()  # its host copy, and what it could not take off a GPU
+        remaining = None  # once parked: its host copy, and what it could not take off a GPU
+        if parks and self.residency.host_room_for(sum(on_gpus.values())):
+            remaining = await self._park(entry, reason, on_gpus)
+        if remaining is not None:
             given_back = {device: max(0, size - remaining.get(device, 0)) for device, size in given_back.items()}
         else:
             await self._unload(entry, f"evicted: {reason}")
@@ -512,9 +514,9 @@ class ModelManager:
                     device, used[device], size, lambda d=device: run_sync(self.registry.release_cached_memory, d)
                 )
 
-    async def _park(self, entry: ModelEntry, reason: str, on_gpus: dict[str, int]) -> bool:
-        """Move a model's weights off ``on_gpus`` to host RAM (False, the model left as it was,
-        if it could not)."""
+    async def _park(self, entry: ModelEntry, reason: str, on_gpus: dict[str, int]) -> dict[str, int] | None:
+        """Move a model's weights off ``on_gpus`` to host RAM; what it holds then (None, the
+        model left as it was, if it could not move)."""
         model = entry.model
         assert model is not None
         started = time.monotonic()
@@ -526,14 +528,14 @@ class ModelManager:
             await model.offload()
         except Exception as exc:  # e.g. no host memory for its copy: the caller unloads it
             log.warning("model %s could not move to host memory (%s: %s)", entry.key, type(exc).__name__, exc)
-            return False
+            return None
         entry.parked = on_gpus
         remaining = model.memory()
         self.ledger.reserve(entry.key, remaining)
         self.ledger.commit(entry.key, remaining)
         self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
                         time.monotonic() - started)
-        return True
+        return remaining
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
         if entry.loading is not None:
