@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from mmserver_transformers.host_copy import ALIGNMENT, HostCopy, release_later  # noqa: E402
+from mmserver_transformers.host_copy import ALIGNMENT, HostCopy, park, release_later, unpark  # noqa: E402
 
 SHAPES = [((3, 5), torch.float32), ((7,), torch.float16), ((0, 4), torch.int64), ((2, 2), torch.bfloat16),
           ((1,), torch.int8), ((4, 3), torch.float64)]
@@ -77,6 +77,75 @@ def test_a_copy_released_later_is_gone_before_the_next_one_is_made(monkeypatch):
     assert order == ["released", "made"] and first.views == []
 
 
+class TiedModule(torch.nn.Module):
+    """A small real module with what a language model's tensors hold: an embedding tied to the
+    output head (one Parameter), a second Parameter viewing the embedding's storage, a norm, and
+    a non-persistent buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+        self.alias = torch.nn.Parameter(self.embed.weight.data)  # same storage, another Parameter
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(ids)) * self.scale) + self.alias.sum()
+
+    def tensors(self) -> list[torch.Tensor]:
+        unique = {id(t): t for t in [*self.parameters(), *self.buffers()]}
+        return list(unique.values())
+
+
+def _inside(tensor: torch.Tensor, host: HostCopy, base: int) -> bool:
+    return base <= tensor.data_ptr() < base + host.nbytes
+
+
+def test_park_moves_every_tensor_into_one_copy_and_unpark_moves_them_out_with_ties_kept():
+    module = TiedModule()
+    ids = torch.tensor([[1, 4, 9, 10]])
+    expected = module(ids)
+    tensors = module.tensors()
+    assert len(tensors) == 5  # embed (= head), alias, norm weight and bias, scale
+
+    host = park(tensors, page_lock=False)
+    base = min(view.data_ptr() for view in host.views)
+    assert len(host.views) == 4  # alias shares the embedding's copy
+    assert all(_inside(tensor, host, base) for tensor in tensors)
+    assert module.alias.data_ptr() == module.embed.weight.data_ptr() and module.head.weight is module.embed.weight
+    assert host.nbytes < sum(t.numel() * t.element_size() for t in tensors[1:]) + 4 * ALIGNMENT
+    assert torch.equal(module(ids), expected)
+
+    unpark(tensors, torch.device("cpu"))
+    assert not any(_inside(tensor, host, base) for tensor in tensors)  # copied out, even CPU to CPU
+    assert module.alias.data_ptr() == module.embed.weight.data_ptr()
+    host.release()
+    assert torch.equal(module(ids), expected)
+    module.embed.weight.data.add_(1)  # the storage is still one: the alias sees the change
+    assert torch.equal(module.alias, module.embed.weight)
+
+
+def test_a_park_whose_copy_fails_leaves_every_tensor_where_it_was(monkeypatch):
+    module = TiedModule()
+    tensors = module.tensors()
+    before = [t.data_ptr() for t in tensors]
+    made: list[HostCopy] = []
+    real_init = HostCopy.__init__
+
+    def broken_copy(self: HostCopy, sources, page_lock: bool) -> None:  # a copy that fails midway
+        real_init(self, sources, page_lock)
+        made.append(self)
+        self.views = [*self.views[:-1], torch.empty(0)]
+
+    monkeypatch.setattr(HostCopy, "__init__", broken_copy)
+    with pytest.raises(RuntimeError):
+        park(tensors, page_lock=False)
+    assert [t.data_ptr() for t in tensors] == before and made[0].views == []
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_buffer_is_page_locked_until_released():
     if not torch.cuda.is_available():
@@ -92,3 +161,20 @@ def test_on_a_gpu_the_buffer_is_page_locked_until_released():
     assert all(torch.equal(a, b) for a, b in zip(back, sources, strict=True))
     host.release()
     assert host.views == []
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_module_parks_in_page_locked_memory_and_comes_back_with_ties_kept():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    module = TiedModule().to("cuda:0")
+    ids = torch.tensor([[1, 4, 9, 10]], device="cuda:0")
+    expected = module(ids)
+    tensors = module.tensors()
+    host = park(tensors, page_lock=True)
+    assert host.locked and all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+    unpark(tensors, torch.device("cuda:0"))
+    host.release()
+    assert all(t.device.type == "cuda" for t in tensors)
+    assert module.alias.data_ptr() == module.embed.weight.data_ptr()
+    assert torch.equal(module(ids), expected)

@@ -7,15 +7,20 @@ of sight of the host budget. ``HostCopy`` makes one ordinary host allocation of 
 total size, each tensor at an aligned offset, page-locks it with ``cudaHostRegister`` while it
 holds the copy (so copies run at the pinned speed), and unlocks and frees it on ``release``.
 Where the driver refuses to page-lock it (some sandboxes), the copy stays in pageable memory:
-the host tier still works, its copies at the pageable speed. Freeing takes time too (about 60 ms a GiB on the development machine): a restore hands its
-copy to ``release_later`` rather than wait for it.
+the host tier still works, its copies at the pageable speed. Freeing takes time too (about 60 ms
+a GiB on the development machine): a restore hands its copy to ``release_later`` rather than wait
+for it.
+
+``park`` and ``unpark`` move a module's tensors into such a copy and out of it again, keeping
+tensors that share a storage (tied weights) sharing one. They work between any two devices, so
+the CPU tests exercise the same code that moves a model between a GPU and host memory.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -62,6 +67,58 @@ class HostCopy:
             self.locked = False
         self.views = []
         self._buffer = None
+
+
+StorageKey = tuple[int, tuple[int, ...], torch.dtype]
+
+
+def park(tensors: Sequence[torch.Tensor], page_lock: bool) -> HostCopy:
+    """Copy ``tensors`` (a module's parameters and buffers, each once) into one ``HostCopy`` and
+    point every tensor at its copy there; tensors viewing one storage alike share one copy. If a
+    copy fails, the buffer is freed and every tensor stays where it was."""
+    sources = _distinct(tensors)
+    host = HostCopy(list(sources.values()), page_lock)
+    try:
+        for view, source in zip(host.views, sources.values(), strict=True):
+            view.copy_(source.data, non_blocking=True)
+        _synchronize(source.device for source in sources.values())
+    except BaseException:
+        host.release()
+        raise
+    views = dict(zip(sources, host.views, strict=True))
+    for tensor in tensors:
+        tensor.data = views[_storage_key(tensor)]
+    return host
+
+
+def unpark(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+    """Copy ``tensors`` (parked by ``park``) onto ``device`` and point each at its new storage,
+    after which their ``HostCopy`` may be released. If a copy fails (the device is full, say),
+    every tensor stays in host memory."""
+    targets = {key: source.data.to(device, non_blocking=True, copy=True)
+               for key, source in _distinct(tensors).items()}
+    _synchronize([device])
+    for tensor in tensors:
+        tensor.data = targets[_storage_key(tensor)]
+
+
+def _distinct(tensors: Sequence[torch.Tensor]) -> dict[StorageKey, torch.Tensor]:
+    """One tensor per storage view: tensors tied to one storage move once."""
+    distinct: dict[StorageKey, torch.Tensor] = {}
+    for tensor in tensors:
+        distinct.setdefault(_storage_key(tensor), tensor)
+    return distinct
+
+
+def _storage_key(tensor: torch.Tensor) -> StorageKey:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
+
+
+def _synchronize(devices: Iterable[torch.device]) -> None:
+    """Wait for the asynchronous copies on every GPU among ``devices`` (CPU copies are done)."""
+    for device in {torch.device(d) for d in devices}:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 _releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host copy release")

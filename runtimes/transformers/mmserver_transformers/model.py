@@ -41,7 +41,7 @@ from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 from .estimate import activation_allowance
-from .host_copy import HostCopy, release_later
+from .host_copy import HostCopy, park, release_later, unpark
 from .options import (
     CLASSIFICATION,
     EMBEDDING,
@@ -644,19 +644,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             if self._offloaded or self.model is None:
                 return
             started = time.perf_counter()
-            sources = self._distinct_tensors()
-            host = HostCopy(list(sources.values()), page_lock=True)
-            try:
-                for view, source in zip(host.views, sources.values(), strict=True):
-                    view.copy_(source.data, non_blocking=True)
-                torch.cuda.synchronize(torch.device(self.device))
-            except BaseException:  # the model stays on its GPU, as it was
-                host.release()
-                raise
-            views = dict(zip(sources, host.views, strict=True))
-            for tensor in self._tensors():
-                tensor.data = views[_storage_key(tensor)]
-            self._host = host
+            host = self._host = park(list(self._tensors()), page_lock=True)
             gc.collect()
             torch.cuda.empty_cache()
             self._offloaded = True
@@ -679,25 +667,13 @@ class TransformersModel(LoadedModel, TextGenerator):
                     return
                 raise ModelNotReady(f"model {self.label} is on {self.device}; offload it before moving it")
             started = time.perf_counter()
-            device = torch.device(device_name)
-            targets = {key: source.data.to(device, non_blocking=True)
-                       for key, source in self._distinct_tensors().items()}
-            for tensor in self._tensors():
-                tensor.data = targets[_storage_key(tensor)]
-            torch.cuda.synchronize(device)
+            unpark(list(self._tensors()), torch.device(device_name))
             self._release_host_copy(wait=False)  # freeing it is not part of the swap-in
             self.device = device_name
             self._offloaded = False
             self._memory = self._measure()
             log.info("model %s: restored onto %s in %.3f s", self.label, device_name,
                      time.perf_counter() - started)
-
-    def _distinct_tensors(self) -> dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor]:
-        """The tensors to move, one per storage view (tensors tied to one storage move once)."""
-        distinct: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
-        for tensor in self._tensors():
-            distinct.setdefault(_storage_key(tensor), tensor)
-        return distinct
 
     def _release_host_copy(self, wait: bool) -> None:
         """Free the host tier's buffer: now, or (``wait=False``) on a background thread."""
@@ -728,10 +704,6 @@ class TransformersModel(LoadedModel, TextGenerator):
         if self._gpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("model %s: unloaded", self.label)
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[int, tuple[int, ...], torch.dtype]:
-    return tensor.data_ptr(), tuple(tensor.shape), tensor.dtype
 
 
 def _flag(request: InferRequest, name: str, default: bool = False) -> bool:
