@@ -384,6 +384,8 @@ class VllmModel(LoadedModel, TextGenerator):
         return dict(self._memory)
 
     def _measure(self) -> dict[str, int]:
+        """What the engine holds now; reads its processes' smaps (milliseconds each), so async
+        code runs it on a worker thread."""
         return self.options.measured(self._resident(), self.asleep) if self.engine is not None else {}
 
     def _resident(self) -> int:
@@ -612,7 +614,7 @@ class VllmModel(LoadedModel, TextGenerator):
         started = time.perf_counter()
         await engine.sleep(level=self.options.sleep_level)
         self.asleep = True
-        self._memory = self._measure()
+        self._memory = await run_sync(self._measure)
         log.info("model %s: vLLM engine asleep (level %d) in %.3f s", self.label, self.options.sleep_level,
                  time.perf_counter() - started)
 
@@ -632,7 +634,7 @@ class VllmModel(LoadedModel, TextGenerator):
         self.asleep = False
         woke = time.perf_counter()
         await self._warm_up()
-        self._memory = self._measure()
+        self._memory = await run_sync(self._measure)
         log.info("model %s: vLLM engine awake in %.3f s, warm-up %.3f s", self.label, woke - started,
                  time.perf_counter() - woke)
 
