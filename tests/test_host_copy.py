@@ -104,7 +104,7 @@ def _inside(tensor: torch.Tensor, host: HostCopy, base: int) -> bool:
     return base <= tensor.data_ptr() < base + host.nbytes
 
 
-def test_park_moves_every_tensor_into_one_copy_and_unpark_moves_them_out_with_ties_kept():
+def test_park_moves_every_tensor_into_one_copy_and_unpark_into_one_allocation_with_ties_kept():
     module = TiedModule()
     ids = torch.tensor([[1, 4, 9, 10]])
     expected = module(ids)
@@ -119,8 +119,11 @@ def test_park_moves_every_tensor_into_one_copy_and_unpark_moves_them_out_with_ti
     assert host.nbytes < sum(t.numel() * t.element_size() for t in tensors[1:]) + 4 * ALIGNMENT
     assert torch.equal(module(ids), expected)
 
-    unpark(tensors, torch.device("cpu"))
+    parked_at = [tensor.data_ptr() - base for tensor in tensors]
+    unpark(tensors, host, torch.device("cpu"))
     assert not any(_inside(tensor, host, base) for tensor in tensors)  # copied out, even CPU to CPU
+    new_base = min(tensor.data_ptr() for tensor in tensors)  # into one allocation, laid out alike
+    assert [tensor.data_ptr() - new_base for tensor in tensors] == [at - min(parked_at) for at in parked_at]
     assert module.alias.data_ptr() == module.embed.weight.data_ptr()
     host.release()
     assert torch.equal(module(ids), expected)
@@ -173,7 +176,7 @@ def test_on_a_gpu_a_module_parks_in_page_locked_memory_and_comes_back_with_ties_
     tensors = module.tensors()
     host = park(tensors, page_lock=True)
     assert host.locked and all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
-    unpark(tensors, torch.device("cuda:0"))
+    unpark(tensors, host, torch.device("cuda:0"))
     host.release()
     assert all(t.device.type == "cuda" for t in tensors)
     assert module.alias.data_ptr() == module.embed.weight.data_ptr()

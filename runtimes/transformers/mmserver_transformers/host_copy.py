@@ -46,16 +46,20 @@ class HostCopy:
             offsets.append(start)
             end = start + tensor.numel() * tensor.element_size()
         self.nbytes = end
+        self._offsets = offsets
         self._buffer: torch.Tensor | None = torch.empty(end, dtype=torch.uint8, device="cpu")
         self.locked = bool(page_lock and end) and _page_lock(self._buffer)
-        self.views = [self._view(offset, tensor) for offset, tensor in zip(offsets, tensors, strict=True)]
+        self.views = _views(self._buffer, offsets, tensors)
 
-    def _view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
-        assert self._buffer is not None
-        size = like.numel() * like.element_size()
-        if size == 0:
-            return torch.empty(like.shape, dtype=like.dtype, device="cpu")
-        return self._buffer[offset:offset + size].view(like.dtype).view(like.shape)
+    def copy_to(self, device: torch.device) -> list[torch.Tensor]:
+        """The views' contents on ``device``: one allocation with the same layout, filled by one
+        transfer (asynchronous from page-locked memory: synchronize before using the result or
+        releasing this copy). One large copy runs at the link's full speed, and one allocation
+        costs one ``cudaMalloc`` where a tensor each could cost hundreds."""
+        assert self._buffer is not None, "the host copy was released"
+        target = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        target.copy_(self._buffer, non_blocking=True)
+        return _views(target, self._offsets, self.views)
 
     def release(self) -> None:
         """Unlock and free the buffer; no copy into or out of it may still run, and nothing
@@ -67,6 +71,18 @@ class HostCopy:
             self.locked = False
         self.views = []
         self._buffer = None
+
+
+def _views(buffer: torch.Tensor, offsets: Sequence[int], likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors shaped like ``likes`` inside ``buffer`` (bytes), each at its offset."""
+    views = []
+    for offset, like in zip(offsets, likes, strict=True):
+        size = like.numel() * like.element_size()
+        if size == 0:
+            views.append(torch.empty(like.shape, dtype=like.dtype, device=buffer.device))
+        else:
+            views.append(buffer[offset:offset + size].view(like.dtype).view(like.shape))
+    return views
 
 
 StorageKey = tuple[int, tuple[int, ...], torch.dtype]
@@ -91,12 +107,11 @@ def park(tensors: Sequence[torch.Tensor], page_lock: bool) -> HostCopy:
     return host
 
 
-def unpark(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
-    """Copy ``tensors`` (parked by ``park``) onto ``device`` and point each at its new storage,
-    after which their ``HostCopy`` may be released. If a copy fails (the device is full, say),
-    every tensor stays in host memory."""
-    targets = {key: source.data.to(device, non_blocking=True, copy=True)
-               for key, source in _distinct(tensors).items()}
+def unpark(tensors: Sequence[torch.Tensor], host: HostCopy, device: torch.device) -> None:
+    """Copy ``tensors``, parked in ``host`` by ``park``, onto ``device`` (in one transfer, into
+    one allocation) and point each at its new place, after which ``host`` may be released. If
+    the copy fails (the device is full, say), every tensor stays in host memory."""
+    targets = dict(zip(map(_storage_key, host.views), host.copy_to(device), strict=True))
     _synchronize([device])
     for tensor in tensors:
         tensor.data = targets[_storage_key(tensor)]

@@ -667,7 +667,8 @@ class TransformersModel(LoadedModel, TextGenerator):
                     return
                 raise ModelNotReady(f"model {self.label} is on {self.device}; offload it before moving it")
             started = time.perf_counter()
-            unpark(list(self._tensors()), torch.device(device_name))
+            assert self._host is not None
+            unpark(list(self._tensors()), self._host, torch.device(device_name))
             self._release_host_copy(wait=False)  # freeing it is not part of the swap-in
             self.device = device_name
             self._offloaded = False
