@@ -10,9 +10,11 @@
 #   2. the GPU tests: fp16 placement and measured sizes, offload/restore through page-locked
 #      host memory (and its buffer alone), and the memory scenario through HTTP with NVML as the
 #      judge (pytest -m gpu);
-#   3. benchmarks/memory_swap.py on CUDA: swap-in from the host tier and from disk against their
+#   3. benchmarks/host_tier.py: offload, restore (one transfer against a tensor at a time) and
+#      release of ~1 GiB of Llama-shaped tensors through page-locked host memory;
+#   4. benchmarks/memory_swap.py on CUDA: swap-in from the host tier and from disk against their
 #      baselines, a Zipf stream over 3x more ~1 GB models than fit, NVML back to baseline.
-# MEMORY_SWAP_ARGS overrides step 3's arguments; a local dry run (no GPU, nothing carried):
+# MEMORY_SWAP_ARGS overrides step 4's arguments; a local dry run (no GPU, nothing carried):
 #   OUT=/tmp/out MEMORY_SWAP_ARGS="--device cpu --model-mib 16 --models 6 --minutes 0.1" bash benchmarks/device/check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +25,7 @@ fi
 step machine 60 bash -c 'nvidia-smi; python3 -c "import torch, pynvml, transformers; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, pynvml.__name__)"'
 step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra -s" \
   tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
+step host-tier 120 python3 benchmarks/host_tier.py --mib 1024
 # shellcheck disable=SC2086  # the arguments are meant to split
 step memory-swap 300 python3 benchmarks/memory_swap.py ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 9 --minutes 2}
 cat "$summary"
