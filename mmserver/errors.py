@@ -69,7 +69,11 @@ class RouteNotFound(MMServerError):
 
 
 class MethodNotAllowed(MMServerError):
-    """The route exists but not for this HTTP method."""
+    """The route exists but not for this HTTP method; ``allow`` lists the methods it takes."""
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 HTTP_STATUS: dict[type[MMServerError], int] = {

@@ -642,7 +642,34 @@ def test_failing_request_does_not_fail_the_others_in_its_batch(client, model_rep
     ("GET", "/v2/repository/models/iris/load", 405, ("GET",)),
 ])
 def test_route_errors_are_json(client, method, path, status, fragments):
-    assert_error(client.request(method, path), status, *fragments)
+    response = client.request(method, path)
+    assert_error(response, status, *fragments)
+    if status == 405:  # RFC 9110: a 405 names the methods the route takes
+        assert response.headers["allow"], response.headers
+
+
+@pytest.mark.parametrize(("method", "path", "status", "allow"), [
+    ("POST", "/v1/embeddings", 404, None),
+    ("GET", "/openai/v1/no/such/route", 404, None),
+    ("GET", "/v1/completions", 405, "POST"),
+    ("PUT", "/openai/v1/chat/completions", 405, "POST"),
+    ("POST", "/v1/models", 405, "HEAD, GET"),
+])
+def test_route_errors_under_the_openai_prefixes_have_openai_error_bodies(client, method, path, status, allow):
+    response = client.request(method, path)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert path in error["message"]
+    assert response.headers.get("allow") == allow
+
+
+def test_a_model_that_does_not_generate_text_is_not_an_openai_model(client):
+    assert "iris" not in [card["id"] for card in client.get("/v1/models").json()["data"]]
+    response = client.get("/v1/models/iris")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert "does not generate text" in response.json()["error"]["message"]
 
 
 def test_server_survives_every_bad_request(client, model_repo):

@@ -107,7 +107,11 @@ def assert_401(response: httpx.Response, where) -> None:
     assert response.status_code == 401, (where, response.status_code, response.text[:200])
     assert response.headers["www-authenticate"].startswith("Bearer"), where
     assert response.headers["content-type"] == "application/json"
-    assert "bearer" in response.json()["error"].lower(), where
+    error = response.json()["error"]
+    if response.request.url.path.startswith(("/v1/", "/openai/v1/")):  # OpenAI's error body there
+        assert error["type"] == "authentication_error", where
+        error = error["message"]
+    assert "bearer" in error.lower(), where
 
 
 # ----------------------------------------------------------------------------- bearer tokens

@@ -99,7 +99,7 @@ def hf_repo(tmp_path_factory: pytest.TempPathFactory) -> HFRepo:
     (root / "embedder" / "model.yaml").write_text(
         "parameters: {task: embedding}\nbatching: {max_delay_ms: 50, max_batch_size: 64}\n"
     )
-    tiny_hf.build_generator(root / "generator")
+    tiny_hf.build_generator(root / "generator", chat_template=True)
     (root / "generator" / "model.yaml").write_text(
         "runtime: transformers\nparameters: {max_new_tokens: 6, threads: 1}\n"
         "batching: {max_delay_ms: 50}\n"
@@ -731,6 +731,49 @@ def test_http_bad_inputs_get_400_naming_the_input(hf_server: Any, model: str, bo
 
 
 # ----------------------------------------------------------------------------- GPU
+
+
+# ----------------------------------------------------------------------------- OpenAI and generate routes
+
+
+def _events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.text.split("\n") if line.startswith("data: ")]
+
+
+def test_openai_completion_streamed_equals_the_whole_answer(hf_server: Any) -> None:
+    body = {"model": "generator", "prompt": "the cat", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(f"{hf_server.url}/v1/completions", json=body, timeout=60)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["usage"]["completion_tokens"] == 5
+    streamed = httpx.post(f"{hf_server.url}/v1/completions", timeout=60,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = _events(streamed)
+    assert events[-1] == "[DONE]"
+    docs = [json.loads(event) for event in events[:-1]]
+    assert "".join(d["choices"][0]["text"] for d in docs if d["choices"]) == whole.json()["choices"][0]["text"]
+    assert docs[-1]["usage"] == whole.json()["usage"]
+
+
+def test_a_parameter_the_runtime_refuses_gets_its_400_also_when_streamed(hf_server: Any) -> None:
+    body = {"model": "generator", "prompt": "the cat", "max_tokens": 4, "presence_penalty": 0.5}
+    for stream in (False, True):
+        response = httpx.post(f"{hf_server.url}/v1/completions", json={**body, "stream": stream}, timeout=60)
+        assert response.status_code == 400, (stream, response.text)
+        assert response.json()["error"]["param"] == "presence_penalty"
+    for route in ("generate", "generate_stream"):
+        response = httpx.post(f"{hf_server.url}/v2/models/generator/{route}", timeout=60,
+                              json={"text_input": "the cat", "max_tokens": 4, "presence_penalty": 0.5})
+        assert response.status_code == 400, (route, response.text)
+        assert "presence_penalty" in response.json()["error"]
+
+
+def test_chat_max_tokens_holds_when_max_completion_tokens_is_null(hf_server: Any) -> None:
+    body = {"model": "generator", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "max_completion_tokens": None, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{hf_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
 
 
 @pytest.fixture

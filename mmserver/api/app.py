@@ -25,41 +25,40 @@ from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from ..watcher import RepositoryWatcher
 from . import generate, openai, openapi, v2
-from .http import JSON, error_parts
+from .http import JSON, error_parts_for
 from .infer import InferenceRoute
 from .security import BearerAuth
 
 log = logging.getLogger(__name__)
 
 
-def error_response(error: MMServerError) -> Response:
-    status, headers, body = error_parts(error)
+def error_response(request: Request, error: MMServerError) -> Response:
+    """The error in the body shape of the API the request went to (V2 or OpenAI)."""
+    status, headers, body = error_parts_for(request.url.path, error)
     return Response(body, status_code=status, headers=headers)
 
 
 async def _on_server_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, MMServerError):
-        return error_response(exc)
+        return error_response(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Response(
-        encode_json({"error": f"internal server error: {type(exc).__name__}: {exc}"}),
-        status_code=500,
-        media_type=JSON,
-    )
+    return error_response(request, MMServerError(f"internal server error: {type(exc).__name__}: {exc}"))
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(RouteNotFound(f"no route for {request.method} {request.url.path}"))
+        return error_response(request, RouteNotFound(f"no route for {request.method} {request.url.path}"))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+        allow = (exc.headers or {}).get("Allow", "")
+        return error_response(request, MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}; use {allow or 'another method'}", allow))
     return Response(encode_json({"error": exc.detail}), status_code=exc.status_code, media_type=JSON)
 
 
 async def _on_mmserver_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MMServerError)
-    return error_response(exc)
+    return error_response(request, exc)
 
 
 def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> ASGIApp:

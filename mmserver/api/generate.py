@@ -4,8 +4,9 @@
 sampling parameters, at the top level or under ``parameters`` (``max_tokens``, ``temperature``,
 ``top_p``, ``top_k``, ``seed``, ``stop``, ...), and answers ``{"model_name", "model_version",
 "text_output"}``. ``.../generate_stream`` answers the same objects as server-sent events, one per
-piece of new text (the last one carries ``finish_reason``); an error after the stream started
-comes as an event ``{"error": ...}``. Errors before it are the V2 ``{"error": ...}`` body.
+piece of new text (the last one carries ``finish_reason``); the status waits for the first
+event, so an error before it is the V2 ``{"error": ...}`` body with its status, and one after it
+is the last event, ``{"error": ...}``.
 
 Shared with the OpenAI routes (``api/openai.py``): finding a model that generates text (loading
 a lazy one, and holding it in flight for the whole request), deadlines, request metrics, and an
@@ -29,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..codec import encode_json
 from ..entry import ModelEntry
-from ..errors import ClientDisconnected, InferenceTimeout, InvalidInput, MMServerError, ModelNotReady
+from ..errors import ClientDisconnected, InferenceError, InferenceTimeout, InvalidInput, MMServerError, ModelNotReady
 from ..generation import (
     SAMPLING_KEYS,
     GenerationRequest,
@@ -135,11 +136,14 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 class EventStream:
-    """An ASGI response of server-sent events from ``events`` (already encoded). When the client
-    disconnects, the iterator is cancelled and closed, which aborts the generation behind it;
-    ``on_end`` is called once with the outcome (``success``, ``cancelled``, ``error``)."""
+    """An ASGI response of server-sent events (already encoded): ``first``, the one the route
+    waited for before answering (None if there was none), then the rest of ``events``. When the
+    client disconnects, the iterator is cancelled and closed, which aborts the generation behind
+    it; ``on_end`` is called once with the outcome (``success``, ``cancelled``, ``error``)."""
 
-    def __init__(self, events: AsyncIterator[bytes], on_end: Callable[[str], None], cleanup: AsyncExitStack) -> None:
+    def __init__(self, first: bytes | None, events: AsyncIterator[bytes], on_end: Callable[[str], None],
+                 cleanup: AsyncExitStack) -> None:
+        self.first = first
         self.events = events
         self.on_end = on_end
         self.cleanup = cleanup
@@ -174,12 +178,27 @@ class EventStream:
 
     async def _pump(self, send: Send) -> str:
         outcome = "success"
-        async for event in self.events:
+
+        async def send_event(event: bytes) -> None:
+            nonlocal outcome
             if event.startswith(b"data: {\"error\""):
                 outcome = "error"
             await send({"type": "http.response.body", "body": event, "more_body": True})
+
+        if self.first is not None:
+            await send_event(self.first)
+        async for event in self.events:
+            await send_event(event)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
+
+
+def late_error(error: Exception) -> MMServerError:
+    """What a stream reports of an error after its first event (by then its status was sent)."""
+    if isinstance(error, MMServerError):
+        return error
+    log.error("generation failed mid-stream", exc_info=error)
+    return InferenceError(f"the generation failed: {type(error).__name__}: {error}")
 
 
 def sse(doc: Any) -> bytes:
@@ -208,13 +227,24 @@ async def answer(request: Request, entry: ModelEntry, started: float, stack: Asy
     ``stack``, the model's hold), or else ``document`` of what ``work`` returns, once it is done
     (cancelled if the client leaves or the model's deadline passes)."""
     if events is not None:
-        return EventStream(events, record(entry, started), stack)
+        # The status waits for the first event: an error before it (a parameter the runtime
+        # refuses, a full engine) gets its own status and body, as without a stream.
+        try:
+            first = await until_disconnected(_first(events), request.receive)
+        except BaseException:
+            await events.aclose()  # type: ignore[attr-defined]
+            raise
+        return EventStream(first, events, record(entry, started), stack)
     try:
         result = await until_disconnected(work(), request.receive, deadline_of(entry, request))
     finally:
         await stack.aclose()
     record(entry, started)("success")
     return Response(encode_json(document(result)), media_type=JSON)
+
+
+async def _first(events: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(events, None)
 
 
 async def answer_failure(entry: ModelEntry | None, started: float, stack: AsyncExitStack,
@@ -292,7 +322,10 @@ async def _generate(request: Request, stream: bool) -> Any:
 
 
 async def _stream_events(generator: TextGenerator, job: GenerationRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The stream's events; an error before the first one is raised (the route answers it),
+    one after it is the last event."""
     stream = generator.generate(job)
+    sent = False
     try:
         async for chunk in stream:
             doc = {**head, "text_output": chunk.text}
@@ -300,8 +333,11 @@ async def _stream_events(generator: TextGenerator, job: GenerationRequest, head:
                 doc["finish_reason"] = chunk.finish_reason
             if chunk.text or chunk.finish_reason is not None:
                 yield sse(doc)
-    except MMServerError as exc:
-        yield sse({"error": exc.message})
+                sent = True
+    except Exception as exc:
+        if not sent:
+            raise
+        yield sse({"error": late_error(exc).message})
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 

@@ -1,5 +1,7 @@
 """HTTP plumbing shared by the Starlette routes and the raw ASGI inference path: reading a
-bounded body, and the one mapping from errors to status, headers and JSON body."""
+bounded body, and the one mapping from errors to status, headers and JSON body (V2's
+``{"error": message}``, or OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under
+the OpenAI prefixes)."""
 
 from __future__ import annotations
 
@@ -7,18 +9,54 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..codec import encode_json
-from ..errors import ClientDisconnected, MMServerError, PayloadTooLarge, http_status
+from ..errors import ClientDisconnected, MethodNotAllowed, MMServerError, ModelNotFound, PayloadTooLarge, http_status
 
 JSON = "application/json"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+#: where the OpenAI-compatible routes live (``/openai/v1`` is KServe's)
+OPENAI_PREFIXES = ("/v1", "/openai/v1")
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                      404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                      429: "rate_limit_error"}
+_OPENAI_SERVER_CODES = {503: "model_not_ready", 504: "timeout", 507: "insufficient_memory"}
 
 
 def error_parts(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and ``{"error": message}`` body for an error."""
+    """Status, headers and V2's ``{"error": message}`` body for an error."""
+    return http_status(error), _headers(error), encode_json({"error": error.message})
+
+
+def openai_error_parts(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and OpenAI's error body for an error."""
+    status = http_status(error)
+    code = "model_not_found" if isinstance(error, ModelNotFound) else _OPENAI_SERVER_CODES.get(status)
+    body = {"error": {
+        "message": error.message,
+        "type": OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": getattr(error, "param", None),
+        "code": code,
+    }}
+    return status, _headers(error), encode_json(body)
+
+
+def error_parts_for(path: str, error: MMServerError) -> tuple[int, dict[str, str], bytes]:
+    """The error in the shape the API at ``path`` speaks: OpenAI's under its prefixes, else V2's."""
+    if is_openai_path(path):
+        return openai_error_parts(error)
+    return error_parts(error)
+
+
+def is_openai_path(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in OPENAI_PREFIXES)
+
+
+def _headers(error: MMServerError) -> dict[str, str]:
     headers = {"content-type": JSON}
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, round(error.retry_after)))
-    return http_status(error), headers, encode_json({"error": error.message})
+    if isinstance(error, MethodNotAllowed):
+        headers["allow"] = error.allow
+    return headers
 
 
 async def read_body(receive: Receive, declared_length: str | None, limit: int) -> bytes:

@@ -64,7 +64,7 @@ class InferenceRoute:
         entry = None
         try:
             if scope["method"] != "POST":
-                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}; use POST")
+                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}; use POST", "POST")
             entry = self.state.manager.entry(*target)
             headers, body = await self._infer(entry, scope, receive)
             status = 200

@@ -12,6 +12,7 @@ any unknown field gets 400. Every error body is OpenAI's:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -27,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..codec import encode_json
 from ..entry import ModelEntry
-from ..errors import MMServerError, ModelNotFound, http_status
+from ..errors import InvalidInput, MMServerError, ModelNotFound
 from ..generation import (
     FINISH_LENGTH,
     GenerationChunk,
@@ -42,6 +43,7 @@ from ..generation import (
 from ..manager import ModelManager
 from .generate import (
     answer,
+    late_error,
     answer_failure,
     generating_entry,
     manager_of,
@@ -49,11 +51,10 @@ from .generate import (
     read_json,
     sse,
 )
-from .http import JSON
+from .http import JSON, OPENAI_PREFIXES, openai_error_parts
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("/v1", "/openai/v1")
 DONE = b"data: [DONE]\n\n"
 #: sampling parameters both endpoints take (OpenAI's, then vLLM's extras)
 SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -64,30 +65,7 @@ CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_toke
                          "logprobs", "top_logprobs", "logit_bias", "user", "tools", "tool_choice",
                          "parallel_tool_calls", "response_format", *SAMPLING})
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /completions (chat: as many as fit)
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-
-
 # ----------------------------------------------------------------------------- errors
-
-
-def error_body(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
-    status = http_status(error)
-    code = None
-    if isinstance(error, ModelNotFound):
-        code = "model_not_found"
-    elif status >= 500:
-        code = {503: "model_not_ready", 504: "timeout", 507: "insufficient_memory"}.get(status)
-    body = {"error": {
-        "message": error.message,
-        "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-        "param": getattr(error, "param", None),
-        "code": code,
-    }}
-    headers = {"content-type": JSON}
-    if error.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(error.retry_after)))
-    return status, headers, encode_json(body)
 
 
 def openai_errors(endpoint: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
@@ -97,11 +75,11 @@ def openai_errors(endpoint: Callable[[Request], Awaitable[Any]]) -> Callable[[Re
         try:
             return await endpoint(request)
         except MMServerError as exc:
-            status, headers, body = error_body(exc)
+            status, headers, body = openai_error_parts(exc)
             return Response(body, status_code=status, headers=headers)
         except Exception as exc:
             log.exception("%s %s failed", request.method, request.url.path)
-            status, headers, body = error_body(MMServerError(f"internal server error: {type(exc).__name__}: {exc}"))
+            status, headers, body = openai_error_parts(MMServerError(f"internal server error: {type(exc).__name__}: {exc}"))
             return Response(body, status_code=500, headers=headers)
     return wrapped
 
@@ -137,7 +115,11 @@ async def list_models(request: Request) -> Response:
 
 @openai_errors
 async def get_model(request: Request) -> Response:
-    entry = _entry(manager_of(request), request.path_params["model"])
+    model = request.path_params["model"]
+    try:
+        entry = _entry(manager_of(request), model)
+    except InvalidInput:  # a model that does not generate text, and so is not listed
+        raise ModelNotFound(f"the model '{model}' does not generate text: it is not one of GET /v1/models") from None
     return Response(encode_json(_model_card(entry)), media_type=JSON)
 
 
@@ -287,7 +269,9 @@ async def chat_completions(request: Request) -> Any:
     messages = _messages(doc.get("messages"))
     if doc.get("max_tokens") is not None and doc.get("max_completion_tokens") is not None:
         raise InvalidParameter("send one of 'max_tokens' and 'max_completion_tokens'", "max_tokens")
-    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    max_tokens = doc.get("max_completion_tokens")
+    if max_tokens is None:  # absent or null: not given
+        max_tokens = doc.get("max_tokens")
     stream, include_usage = _stream_flags(doc)
     params = _sampling(doc, max_tokens)
     jobs = [GenerationRequest("", params, add_special_tokens=False)]  # the prompt: the template's
@@ -322,15 +306,25 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
 
 
 async def _gather(generator: TextGenerator, jobs: list[GenerationRequest]) -> list[list[Any]]:
-    import asyncio
-
-    return list(await asyncio.gather(*(generate_all(generator, job) for job in jobs)))
+    """Every prompt's sequences, generated together; when one fails (or the request is
+    cancelled), the others are cancelled and awaited before the error goes on."""
+    tasks = [asyncio.ensure_future(generate_all(generator, job)) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: _Format,
                   include_usage: bool) -> AsyncIterator[bytes]:
-    """The stream: the prompts one after the other (choice index = prompt * n + sequence)."""
+    """The stream: the prompts one after the other (choice index = prompt * n + sequence). An
+    error before the first event is raised (the route answers it); one after it is the last
+    event before ``[DONE]``."""
     prompt_tokens = completion_tokens = 0
+    sent = False
     try:
         for p, job in enumerate(jobs):
             counted: dict[int, int] = {}
@@ -345,14 +339,17 @@ async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: 
                         if include_usage:
                             doc["usage"] = None
                         yield sse(doc)
+                        sent = True
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
             prompt_tokens += prompt_counted
             completion_tokens += sum(counted.values())
         if include_usage:
             yield sse({**fmt.head(), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-    except MMServerError as exc:
-        status, _, body = error_body(exc)
+    except Exception as exc:
+        if not sent:
+            raise
+        _, _, body = openai_error_parts(late_error(exc))
         yield b"data: " + body + b"\n\n"
     yield DONE
 
@@ -447,7 +444,7 @@ class _ChatFormat(_Format):
 
 def routes() -> list[BaseRoute]:
     out: list[BaseRoute] = []
-    for prefix in PREFIXES:
+    for prefix in OPENAI_PREFIXES:
         out += [
             Route(prefix + "/models", list_models, methods=["GET"]),
             Route(prefix + "/models/{model}", get_model, methods=["GET"]),
@@ -508,7 +505,7 @@ def _openapi() -> dict[tuple[str, str], dict[str, Any]]:
     error = {"description": "Error", "content": {JSON: {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}
     operations: dict[tuple[str, str], dict[str, Any]] = {}
     errors = (400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
-    for prefix in PREFIXES:
+    for prefix in OPENAI_PREFIXES:
         operations[("get", prefix + "/models")] = {
             "summary": "The models that generate text (OpenAI)", "responses": {"200": {
                 "description": "OK", **ok("OpenAIModelList")}, "401": error}}

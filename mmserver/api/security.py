@@ -7,7 +7,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import Unauthorized
-from .http import error_parts
+from .http import error_parts_for
 
 OPEN_PREFIX = "/v2/health/"  # probes must work without credentials
 METRICS_PATH = "/metrics"
@@ -30,7 +30,7 @@ class BearerAuth:
         has_header = any(key == b"authorization" for key, _ in scope["headers"])
         error = Unauthorized("a valid bearer token is required" if has_header else
                              "this server requires 'Authorization: Bearer <token>'")
-        status, headers, body = error_parts(error)
+        status, headers, body = error_parts_for(scope["path"], error)
         headers["www-authenticate"] = 'Bearer realm="mmserver"'
         headers["content-length"] = str(len(body))
         await send({"type": "http.response.start", "status": status,

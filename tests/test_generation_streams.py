@@ -1,0 +1,114 @@
+"""The generation routes' plumbing (``api/openai.py``, ``api/generate.py``) around a runtime's
+stream: errors before and after the first event, and prompts generated together.
+
+``ScriptedGenerator`` is a fake: it stands in for a runtime's ``TextGenerator`` (the
+transformers and vLLM runtimes are exercised through HTTP in their own test files), so that a
+stream can fail at a chosen point and its closing can be observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mmserver.api import generate, openai
+from mmserver.errors import InvalidInput
+from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator
+
+
+class ScriptedGenerator(TextGenerator):
+    """Streams ``chunks`` pieces of text per prompt, ``delay`` seconds apart; a prompt equal to
+    ``refused`` fails before its first chunk, and ``fail_after`` chunks in, every prompt raises
+    ``crash``. ``ends`` records how each stream ended: finished, or closed early."""
+
+    def __init__(self, chunks: int = 3, delay: float = 0.0, refused: str | None = None,
+                 fail_after: int | None = None, crash: Exception | None = None) -> None:
+        self.chunks, self.delay, self.refused = chunks, delay, refused
+        self.fail_after, self.crash = fail_after, crash
+        self.ends: dict[str, str] = {}
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        prompt = str(request.prompt)
+        if prompt == self.refused:
+            raise InvalidInput(f"prompt {prompt!r} is refused")
+        end = "closed early"
+        try:
+            for i in range(self.chunks):
+                if i == self.fail_after and self.crash is not None:
+                    raise self.crash
+                await asyncio.sleep(self.delay)
+                yield GenerationChunk(0, f"{prompt}{i} ", (i,), 1, i + 1, "length" if i == self.chunks - 1 else None)
+            end = "finished"
+        finally:
+            self.ends[prompt] = end
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return "chat"
+
+    def count_tokens(self, prompt: str | list[int], add_special_tokens: bool = True) -> int:
+        return 1
+
+
+def jobs(*prompts: str) -> list[GenerationRequest]:
+    return [GenerationRequest(p, SamplingParams(max_tokens=16)) for p in prompts]
+
+
+async def collect(events: AsyncIterator[bytes]) -> list[bytes]:
+    return [event async for event in events]
+
+
+def completion_format() -> openai._CompletionFormat:
+    fmt = openai._CompletionFormat(["", ""])
+    fmt.start("m", 1)
+    return fmt
+
+
+def test_when_one_prompt_fails_the_others_are_cancelled_before_the_error_goes_on():
+    generator = ScriptedGenerator(chunks=50, delay=0.01, refused="bad")
+
+    async def run() -> None:
+        with pytest.raises(InvalidInput, match="refused"):
+            await openai._gather(generator, jobs("good", "bad"))
+        assert generator.ends == {"good": "closed early"}  # not left generating after the 400
+
+    asyncio.run(run())
+
+
+def test_prompts_generated_together_each_get_their_whole_answer():
+    generator = ScriptedGenerator(chunks=3)
+    results = asyncio.run(openai._gather(generator, jobs("a", "b")))
+    assert [r[0].text for r in results] == ["a0 a1 a2 ", "b0 b1 b2 "]
+    assert generator.ends == {"a": "finished", "b": "finished"}
+
+
+@pytest.mark.parametrize("stream", ["openai", "v2"])
+def test_an_error_before_the_first_event_is_raised_for_the_route_to_answer(stream):
+    generator = ScriptedGenerator(refused="bad")
+    if stream == "openai":
+        events = openai._events(generator, jobs("bad"), completion_format(), include_usage=False)
+    else:
+        events = generate._stream_events(generator, jobs("bad")[0], {"model_name": "m"})
+    with pytest.raises(InvalidInput, match="refused"):
+        asyncio.run(collect(events))
+
+
+@pytest.mark.parametrize("crash", [InvalidInput("the engine refused it"), RuntimeError("engine bug")])
+def test_an_error_after_the_first_event_is_the_last_event_and_the_openai_stream_still_ends_with_done(crash):
+    generator = ScriptedGenerator(chunks=3, fail_after=1, crash=crash)
+    events = asyncio.run(collect(openai._events(generator, jobs("p"), completion_format(), include_usage=False)))
+    assert events[-1] == openai.DONE
+    assert json.loads(events[0][len(b"data: "):])["choices"][0]["text"] == "p0 "
+    error = json.loads(events[-2][len(b"data: "):])["error"]
+    assert str(crash) in error["message"] and error["type"] == ("invalid_request_error" if isinstance(
+        crash, InvalidInput) else "server_error")
+
+    v2_events = asyncio.run(collect(generate._stream_events(
+        ScriptedGenerator(chunks=3, fail_after=1, crash=crash), jobs("p")[0], {"model_name": "m"})))
+    assert json.loads(v2_events[0][len(b"data: "):])["text_output"] == "p0 "
+    assert str(crash) in json.loads(v2_events[-1][len(b"data: "):])["error"]
