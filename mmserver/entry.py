@@ -42,6 +42,11 @@ class ModelEntry:
     def key(self) -> str:
         return f"{self.name}:{self.version}" if self.version else self.name
 
+    def __str__(self) -> str:
+        """The key: how the memory ledger names its owner (the entry itself, not its key, so a
+        rollover's old and new entry of one version hold their memory apart)."""
+        return self.key
+
     @property
     def pinned(self) -> bool:
         return self.spec is not None and self.spec.config.pinned
@@ -59,6 +64,7 @@ class ModelEntry:
             (self.state is ModelState.READY or (self.state is ModelState.UNAVAILABLE and self.parked is not None))
             and self.model is not None
             and self.loading is None
+            and self.leaving is None
             and not self.pinned
             and not self.busy
         )

@@ -139,7 +139,7 @@ class ModelManager:
                     "state": entry.state.value,
                     "reason": entry.reason,
                 }
-                held = self.ledger.held(entry.key)
+                held = self.ledger.held(entry)
                 if held:
                     row["memory_bytes"] = held
                 rows.append(row)
@@ -156,7 +156,7 @@ class ModelManager:
                 entry.version,
                 entry.state.value,
                 entry.batcher.pending if entry.batcher else 0,
-                self.ledger.held(entry.key),
+                self.ledger.held(entry),
             )
             for entry in self._entries()
             if entry.spec is not None
@@ -187,7 +187,10 @@ class ModelManager:
             batcher = await self._wait_until_ready(entry)
         entry.model.validate(request)  # type: ignore[union-attr]
         entry.last_used = time.monotonic()
-        response = await batcher.submit(request, deadline, is_gone)
+        try:
+            response = await batcher.submit(request, deadline, is_gone)
+        finally:
+            entry.last_used = time.monotonic()  # idle counts from the end of its last request
         response.model_name = entry.name
         response.model_version = entry.version
         response.id = request.id
@@ -279,6 +282,8 @@ class ModelManager:
             newest = select_versions(serving, "latest") or found.served
             self._default_version[name] = newest[0] if newest else ""
             retired = [e for e in current.values() if e not in wanted.values() or not e.served]
+            for entry in retired:  # a request still holding one gets 503, never loads an orphan
+                entry.served = False
             await asyncio.gather(*(self._unload(e, "replaced by a newer version or files")
                                    for e in retired if e.model is not None))
             if fresh or retired:
@@ -331,6 +336,8 @@ class ModelManager:
 
     async def _remove(self, name: str, entries: dict[str, ModelEntry]) -> None:
         """The folder is gone: drain and unload every version, then forget the model."""
+        for entry in entries.values():  # a request still holding one gets 503, never loads an orphan
+            entry.served = False
         await asyncio.gather(*(self._unload(e, "its folder was removed") for e in entries.values()))
         self._models.pop(name, None)
         self._default_version.pop(name, None)
@@ -404,13 +411,24 @@ class ModelManager:
                 self._set_state(entry, ModelState.READY, "", took)
                 self._heap.freeze_survivors()
         except Exception as exc:  # a broken model is reported, never fatal
+            if entry.model is not None and entry.parked is None:  # it loaded, then a later step failed
+                await self._discard(entry)
             if entry.model is None:
-                self.ledger.release(entry.key)
+                self.ledger.release(entry)
             entry.load_error = exc
             message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             self._set_state(entry, ModelState.UNAVAILABLE, f"load failed: {message}")
         finally:
             entry.loading = None
+
+    async def _discard(self, entry: ModelEntry) -> None:
+        """Unload the model of a load that failed after the runtime had loaded it."""
+        model, entry.model, entry.batcher = entry.model, None, None
+        assert model is not None
+        try:
+            await model.unload()
+        except Exception:
+            log.exception("model %s raised while unloading after its load failed", entry.key)
 
     async def _load_onto(self, entry: ModelEntry, spec: ModelSpec, runtime: Runtime, placement: Placement) -> None:
         """Make room, reserve the predicted size, load, and keep the measured size."""
@@ -419,7 +437,7 @@ class ModelManager:
             if placement.is_gpu:  # first, so that room is made for the CUDA context too
                 await self.residency.prepare(runtime, placement)
             await self._make_room(entry, predicted)
-            self.ledger.reserve(entry.key, predicted)
+            self.ledger.reserve(entry, predicted)
             self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
                 before = self.residency.used(placement.device)
@@ -427,7 +445,7 @@ class ModelManager:
                 self._commit_arrival(entry, entry.model, placement, before)
                 return
         entry.model = await self._timed_load(runtime, spec, placement)
-        self.ledger.commit(entry.key, self.residency.measured(spec, entry.model, placement, None))
+        self.ledger.commit(entry, self.residency.measured(spec, entry.model, placement, None))
 
     async def _timed_load(self, runtime: Runtime, spec: ModelSpec, placement: Placement) -> LoadedModel:
         """The runtime's load, abandoned after ``load_timeout_s`` (its thread may run on, but the
@@ -451,9 +469,13 @@ class ModelManager:
             await self._make_room(entry, sizes)
             self._set_state(entry, ModelState.LOADING, f"restoring from host memory onto {placement.device}")
             before = self.residency.used(placement.device)
-            await model.restore(placement)
+            try:
+                await model.restore(placement)
+            except Exception:  # it cannot come back (its engine died, say): the load unloads it
+                entry.parked = None
+                raise
             entry.parked = None
-            self.ledger.reserve(entry.key, {**sizes, HOST: 0})
+            self.ledger.reserve(entry, {**sizes, HOST: 0})
             self._commit_arrival(entry, model, placement, before)
 
     def _commit_arrival(self, entry: ModelEntry, model: LoadedModel, placement: Placement, before: int | None) -> None:
@@ -461,7 +483,7 @@ class ModelManager:
         what the GPU grew by (what an eviction waits to see come back)."""
         grown = self.residency.growth(placement.device, before)
         entry.arrived = {placement.device: grown} if grown is not None and grown > 0 else {}
-        self.ledger.commit(entry.key, self.residency.measured(entry.spec, model, placement, grown))
+        self.ledger.commit(entry, self.residency.measured(entry.spec, model, placement, grown))
 
     async def _make_room(self, entry: ModelEntry, sizes: dict[str, int]) -> None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
@@ -472,9 +494,12 @@ class ModelManager:
                 victims = self.residency.victims(entry, sizes, list(self._entries()))
             except InsufficientMemory:
                 # Loads past their admission hold their predicted size until they measure what
-                # they take (often less); they end without this lock: wait for one, try again.
+                # they take (often less); they end without this lock: wait for one on a device
+                # that lacks room, and try again.
+                lacking = self.residency.shortfall(entry, sizes)
                 loads = [e.loading for e in self._loads
-                         if e is not entry and e.state is ModelState.LOADING and e.loading is not None]
+                         if e is not entry and e.state is ModelState.LOADING and e.loading is not None
+                         and any(self.ledger.held(e).get(device) for device in lacking)]
                 if not loads:
                     raise
                 await asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
@@ -482,17 +507,20 @@ class ModelManager:
             if not victims:
                 return
             for victim in victims:
+                if not victim.evictable:  # it got a request, or was unloaded, since it was chosen
+                    break
                 await self._evict(victim, f"making room for {entry.key}")
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
         async with _leaving(entry):
-            await self._move_out(entry, reason)
+            if entry.model is not None:  # else an unload that was under way took it
+                await self._move_out(entry, reason)
 
     async def _move_out(self, entry: ModelEntry, reason: str) -> None:
         model = entry.model
         assert model is not None
-        held = self.ledger.held(entry.key)
+        held = self.ledger.held(entry)
         on_gpus = {device: size for device, size in held.items() if device != HOST}
         # what leaving gives back: what the GPU grew by when the model came, at most its size
         given_back = {device: min(size, entry.arrived.get(device, size)) for device, size in on_gpus.items()}
@@ -505,7 +533,7 @@ class ModelManager:
         if remaining is not None:
             given_back = {device: max(0, size - remaining.get(device, 0)) for device, size in given_back.items()}
         else:
-            await self._unload(entry, f"evicted: {reason}")
+            await self._unload_loaded(entry, f"evicted: {reason}")
             entry.reason = "evicted, reloads on the next request"
         entry.evicted = True
         for device, size in given_back.items():
@@ -531,19 +559,18 @@ class ModelManager:
             return None
         entry.parked = on_gpus
         remaining = model.memory()
-        self.ledger.reserve(entry.key, remaining)
-        self.ledger.commit(entry.key, remaining)
+        self.ledger.reserve(entry, remaining)
+        self.ledger.commit(entry, remaining)
         self._set_state(entry, ModelState.UNAVAILABLE, "in host memory, restores on the next request",
                         time.monotonic() - started)
         return remaining
 
     async def _unload(self, entry: ModelEntry, reason: str) -> None:
-        if entry.loading is not None:
-            await asyncio.shield(entry.loading)
-        if entry.model is None:
-            entry.reason = reason if entry.served else entry.reason
-            return
+        """Drain and unload a model, after any load, eviction or unload of it in progress."""
         async with _leaving(entry):
+            if entry.model is None:
+                entry.reason = reason if entry.served else entry.reason
+                return
             await self._unload_loaded(entry, reason)
 
     async def _unload_loaded(self, entry: ModelEntry, reason: str) -> None:
@@ -559,7 +586,7 @@ class ModelManager:
             log.exception("model %s raised while unloading", entry.key)
         entry.model = None
         entry.parked = None
-        self.ledger.release(entry.key)
+        self.ledger.release(entry)
         self._heap.unloaded()
         self._set_state(entry, ModelState.UNAVAILABLE, reason, time.monotonic() - started)
 
@@ -574,14 +601,17 @@ class ModelManager:
                                                name=f"unload failed {entry.key}")
 
     async def _unload_failed(self, entry: ModelEntry, model: LoadedModel, reason: str) -> None:
-        # Under the residency lock: a request that comes meanwhile starts its reload only once
-        # the broken model is gone and its memory released.
-        async with self.residency.lock, _leaving(entry):
-            if entry.model is not model:
+        # Under the residency lock, so that no load measures its size while the broken model's
+        # memory comes back. Waiting for the lock, the model may have been moved: an eviction or
+        # unload then cleans it up, and a restore of it (which may wait behind this lock, so it
+        # is not waited for here) fails and unloads it.
+        async with self.residency.lock:
+            if entry.model is not model or entry.loading is not None or entry.leaving is not None:
                 return
-            await self._unload(entry, f"failed: {reason}")
-            entry.evicted = True
-            entry.reason = f"failed: {reason}; restarts on its next request"
+            async with _leaving(entry):  # nothing to wait for: no load or move of it runs
+                await self._unload_loaded(entry, f"failed: {reason}")
+                entry.evicted = True
+                entry.reason = f"failed: {reason}; restarts on its next request"
 
     async def _sweep_idle(self) -> None:
         """Evict models that have been idle longer than their ``idle_unload_s``."""
@@ -589,13 +619,20 @@ class ModelManager:
             timeouts = [t for e in self._entries() if (t := self._idle_timeout(e)) is not None]
             interval = min(timeouts, default=IDLE_SWEEP_MAX_S) / 4
             await asyncio.sleep(min(max(interval, IDLE_SWEEP_MIN_S), IDLE_SWEEP_MAX_S))
-            now = time.monotonic()
             for entry in list(self._entries()):
                 timeout = self._idle_timeout(entry)
-                if timeout is not None and entry.evictable and now - entry.last_used > timeout:
-                    async with self.residency.lock:
-                        if entry.evictable:
-                            await self._evict(entry, f"idle for {now - entry.last_used:.0f} s")
+                if timeout is None or not self._idle_past(entry, timeout):
+                    continue
+                async with self.residency.lock:  # (waiting for it, the model may have been used)
+                    if self._idle_past(entry, timeout):
+                        try:
+                            await self._evict(entry, f"idle for {time.monotonic() - entry.last_used:.0f} s")
+                        except Exception:  # one model that cannot leave must not end the sweeps
+                            log.exception("model %s: the idle unload failed", entry.key)
+
+    @staticmethod
+    def _idle_past(entry: ModelEntry, timeout: float) -> bool:
+        return entry.evictable and time.monotonic() - entry.last_used > timeout
 
     async def _collect_garbage(self) -> None:
         """Run the full garbage collection that unloads leave pending (``HeapKeeper``) at a moment
@@ -618,7 +655,7 @@ class ModelManager:
     def _set_state(self, entry: ModelEntry, state: ModelState, reason: str, took: float | None = None) -> None:
         entry.state = state
         entry.reason = reason
-        held = self.ledger.held(entry.key)
+        held = self.ledger.held(entry)
         memory = ", ".join(f"{dev} {format_bytes(n)}" for dev, n in held.items()) or "no memory"
         timing = f" in {took:.3f}s" if took is not None else ""
         level = logging.ERROR if reason.startswith("load failed") else logging.INFO
@@ -653,11 +690,11 @@ def _check_may_load(entry: ModelEntry) -> None:
 
 @asynccontextmanager
 async def _leaving(entry: ModelEntry) -> AsyncIterator[None]:
-    """Mark ``entry`` as being unloaded or evicted for as long as the context lasts (an eviction
-    that unloads counts once): requests arriving meanwhile wait for the end before loading it."""
-    if entry.leaving is not None:
-        yield
-        return
+    """Mark ``entry`` as being unloaded or evicted for as long as the context lasts, once no
+    load of it runs and no other unload or eviction of it does (those are waited for): requests
+    arriving meanwhile wait for the end before loading it again."""
+    while entry.loading is not None or entry.leaving is not None:
+        await asyncio.shield(entry.loading or entry.leaving)  # type: ignore[arg-type]
     done = asyncio.get_running_loop().create_future()
     entry.leaving = done
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 
 from .devices import Device
 from .entry import ModelEntry
@@ -99,7 +99,7 @@ class Residency:
                 limits.append(budget - reading.ours)
         return min(limits) if limits else 0
 
-    def shortfall(self, owner: str, sizes: dict[str, int]) -> dict[str, int]:
+    def shortfall(self, owner: Hashable, sizes: dict[str, int]) -> dict[str, int]:
         """Bytes missing per device before ``owner`` can hold ``sizes``."""
         held = self.ledger.held(owner)
         missing = {}
@@ -113,9 +113,9 @@ class Residency:
         """The models to move out so ``entry`` fits; raises ``InsufficientMemory`` when even every
         evictable model together would not make enough room."""
         chosen: list[ModelEntry] = []
-        for device, lacking in self.shortfall(entry.key, sizes).items():
+        for device, lacking in self.shortfall(entry, sizes).items():
             pool = [e for e in others if e is not entry and e not in chosen and e.evictable]
-            candidates = [Candidate(e, self.ledger.held(e.key).get(device, 0), e.last_used) for e in pool]
+            candidates = [Candidate(e, self.ledger.held(e).get(device, 0), e.last_used) for e in pool]
             picked = choose_victims([c for c in candidates if c.size > 0], lacking)
             if picked is None:
                 raise InsufficientMemory(self._no_room(entry, device, sizes[device], others))
@@ -123,10 +123,10 @@ class Residency:
         return chosen
 
     def _no_room(self, entry: ModelEntry, device: str, size: int, others: list[ModelEntry]) -> str:
-        holders = [e for e in others if e is not entry and self.ledger.held(e.key).get(device)]
+        holders = [e for e in others if e is not entry and self.ledger.held(e).get(device)]
         pinned = [e.key for e in holders if e.pinned]
         busy = [e.key for e in holders if not e.pinned and not e.evictable]
-        evictable = sum(self.ledger.held(e.key).get(device, 0) for e in holders if e.evictable)
+        evictable = sum(self.ledger.held(e).get(device, 0) for e in holders if e.evictable)
         parts = [f"model {entry.key} needs {format_bytes(size)} on {device}",
                  f"{format_bytes(max(0, self.free(device)))} is free of a {format_bytes(self.ledger.budgets.get(device, 0))} budget",
                  f"evicting every idle model would free {format_bytes(evictable)} more"]

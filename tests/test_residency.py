@@ -268,7 +268,7 @@ async def test_models_beyond_the_budget_evict_the_least_recently_used_to_host_me
         await manager.infer(manager.entry("c"), request())  # needs 150: 100 free, so b must go
         assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "c": "READY"}
         assert manager.entry("b").reason == "in host memory, restores on the next request"
-        assert manager.ledger.held("b:1") == {HOST: 100 * MiB}
+        assert manager.ledger.held(manager.entry("b")) == {HOST: 100 * MiB}
         assert gpu.ours == 250 * MiB <= manager.ledger.budgets["cuda:0"]
         # b comes back from host memory (not from disk), pushing out the LRU (a)
         await manager.infer(manager.entry("b"), request())
@@ -331,7 +331,7 @@ async def test_without_host_room_an_evicted_model_is_unloaded_and_reloaded(tmp_p
     async with serving(manager):
         await manager.infer(manager.entry("b"), request())
         assert manager.entry("a").reason == "evicted, reloads on the next request"
-        assert manager.ledger.held("a:1") == {}
+        assert manager.ledger.held(manager.entry("a")) == {}
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
         assert gpu.ours == 200 * MiB
@@ -346,7 +346,7 @@ async def test_a_model_that_cannot_move_to_host_memory_is_unloaded_instead(tmp_p
         await manager.infer(manager.entry("b"), request())
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"}
         assert manager.entry("a").reason == "evicted, reloads on the next request"
-        assert manager.ledger.held("a:1") == {} and gpu.ours == 200 * MiB
+        assert manager.ledger.held(manager.entry("a")) == {} and gpu.ours == 200 * MiB
         assert "a:1 could not move to host memory (MemoryError: no host memory for the copy)" in caplog.text
         await manager.infer(manager.entry("a"), request())
         assert runtime.loaded == ["a", "b", "a"]  # reloaded from disk
@@ -374,7 +374,7 @@ async def test_a_request_during_an_operators_unload_does_not_bring_the_model_bac
         with pytest.raises(ModelNotReady, match="unloaded by request"):
             await late
         assert runtime.loaded == ["a"] and gpu.ours == 0
-        assert states(manager) == {"a": "UNAVAILABLE"} and manager.ledger.held("a:1") == {}
+        assert states(manager) == {"a": "UNAVAILABLE"} and manager.ledger.held(manager.entry("a")) == {}
 
 
 async def test_a_request_during_an_eviction_waits_for_it_and_restores_the_same_model(tmp_path):
@@ -404,7 +404,7 @@ async def test_the_first_model_on_a_gpu_is_not_charged_with_the_cuda_context(tmp
     manager, gpu, _ = make_manager(tmp_path, gpu_budget="1GiB", context=300 * MiB)
     async with serving(manager):
         assert gpu.ours == 500 * MiB  # the context and two models...
-        assert manager.ledger.held("a:1") == manager.ledger.held("b:1") == {"cuda:0": 100 * MiB}  # ...charged apart
+        assert manager.ledger.held(manager.entry("a")) == manager.ledger.held(manager.entry("b")) == {"cuda:0": 100 * MiB}  # ...charged apart
         assert manager.ledger.held(("overhead", "fakegpu", "cuda:0")) == {"cuda:0": 300 * MiB}
 
 
@@ -494,7 +494,7 @@ async def test_an_eviction_waits_for_what_the_model_took_not_for_its_reserved_ro
     write_model(tmp_path, "b", 100, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path, gpu_budget="250MiB", workspace=100 * MiB)
     async with serving(manager):
-        assert manager.ledger.held("a:1") == {"cuda:0": 200 * MiB} and gpu.ours == 100 * MiB
+        assert manager.ledger.held(manager.entry("a")) == {"cuda:0": 200 * MiB} and gpu.ours == 100 * MiB
         with caplog.at_level(logging.INFO, logger="mmserver.residency"):
             started = time.monotonic()
             await manager.infer(manager.entry("b"), request())  # a leaves for host memory
@@ -518,7 +518,7 @@ async def test_what_a_parked_model_keeps_on_the_gpu_stays_in_the_ledger_until_it
             await manager.infer(manager.entry("b"), request())  # 150 free: b fits beside a
             await manager.infer(manager.entry("c"), request())  # 50 free: the LRU (a) parks, keeping 40
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "c": "READY"}
-        assert manager.ledger.held("a:1") == {HOST: 100 * MiB, "cuda:0": 40 * MiB}
+        assert manager.ledger.held(manager.entry("a")) == {HOST: 100 * MiB, "cuda:0": 40 * MiB}
         assert gpu.ours == 240 * MiB == manager.ledger.used("cuda:0")
         assert runtime.releases == [] and "evicted" not in caplog.text, caplog.text  # 60 came back, as due
         # b goes to make room for a's return; a's 40 count toward what it needs
@@ -529,7 +529,7 @@ async def test_what_a_parked_model_keeps_on_the_gpu_stays_in_the_ledger_until_it
         write_model(tmp_path, "d", 150, "load: lazy\n")
         await manager.rescan()
         await manager.infer(manager.entry("d"), request())
-        assert states(manager)["b"] == "UNAVAILABLE" and manager.ledger.held("b:1") == {}
+        assert states(manager)["b"] == "UNAVAILABLE" and manager.ledger.held(manager.entry("b")) == {}
         assert manager.entry("b").reason == "evicted, reloads on the next request"
         assert gpu.ours == manager.ledger.used("cuda:0") <= 250 * MiB
 
@@ -548,10 +548,10 @@ async def test_a_parked_model_leaves_the_host_tier_for_a_model_that_needs_host_m
     )
     async with serving(manager):
         await manager.infer(manager.entry("b"), request())  # a parks in host memory (100 of 150)
-        assert manager.ledger.held("a:1") == {HOST: 100 * MiB}
+        assert manager.ledger.held(manager.entry("a")) == {HOST: 100 * MiB}
         await manager.infer(manager.entry("h"), request())  # predicts 100: a leaves the host tier
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "h": "READY"}
-        assert manager.ledger.held("a:1") == {} and manager.ledger.used(HOST) == 25 * MiB
+        assert manager.ledger.held(manager.entry("a")) == {} and manager.ledger.used(HOST) == 25 * MiB
         await manager.infer(manager.entry("a"), request())  # back from disk, b parks
         assert states(manager) == {"a": "READY", "b": "UNAVAILABLE", "h": "READY"}
 
@@ -584,7 +584,7 @@ async def test_the_ledger_keeps_the_growth_the_device_measured(tmp_path):
         devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
     )
     async with serving(manager):
-        assert manager.ledger.held("a:1") == {"cuda:0": 130 * MiB}
+        assert manager.ledger.held(manager.entry("a")) == {"cuda:0": 130 * MiB}
 
 
 async def test_placement_honours_the_device_setting(tmp_path):
@@ -592,7 +592,7 @@ async def test_placement_honours_the_device_setting(tmp_path):
     write_model(tmp_path, "x", 10, "device: cuda:3\n")
     manager, _, _ = make_manager(tmp_path)
     async with serving(manager):
-        assert manager.ledger.held("g:1") == {"cuda:0": 10 * MiB}
+        assert manager.ledger.held(manager.entry("g")) == {"cuda:0": 10 * MiB}
         assert manager.entry("x").reason == "load failed: device 'cuda:3' does not exist (GPUs: cuda:0)"
 
 

@@ -1,0 +1,320 @@
+"""The memory manager when things happen at once: a rollover of a loaded version, an unload
+during an eviction, victims that change after they were chosen, an engine that dies while
+another load holds the lock, idle sweeps racing requests, requests holding a retired entry,
+and loads that fail half-way.
+
+The fakes (a simulated GPU, GPU and host runtimes) are those of ``test_residency.py``, which
+says what each stands in for; the manager, ledger, residency and batcher are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from test_residency import (  # tests/ is on sys.path (rootdir conftest)
+    MiB,
+    FakeGpu,
+    FakeHost,
+    GpuModel,
+    GpuRuntime,
+    HostModel,
+    HostRuntime,
+    make_manager,
+    request,
+    serving,
+    write_model,
+)
+
+from mmserver.errors import InsufficientMemory, ModelNotReady
+from mmserver.manager import ModelManager
+from mmserver.runtime import HOST, Placement, RuntimeRegistry
+from mmserver.settings import Settings
+from mmserver.types import ModelState
+
+
+async def wait_for(condition, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def change_files(repo, name: str, yaml_text: str = "") -> None:
+    """New files for a model's version (its spec changes, so a rescan rolls it over)."""
+    (repo / name / "model.yaml").write_text(f"runtime: fakegpu\ntimeout_s: 30\n{yaml_text}")
+
+
+class GatedRuntime(GpuRuntime):
+    """A GPU runtime whose load of ``gated`` waits for ``gate``: it holds the residency lock
+    (a GPU load holds it throughout) until the test opens it."""
+
+    def __init__(self, gpus: dict[str, FakeGpu], gated: str = "b") -> None:
+        super().__init__(gpus)
+        self.gated, self.gate = gated, asyncio.Event()
+
+    async def load(self, spec, placement):
+        if spec.name == self.gated:
+            await self.gate.wait()
+        return await super().load(spec, placement)
+
+
+def manager_for(repo, runtime_class: type[GpuRuntime] = GpuRuntime, host_runtime: HostRuntime | None = None):
+    """A manager over a 300 MiB simulated GPU with ``runtime_class`` (and a host runtime)."""
+    gpu = FakeGpu()
+    runtime = runtime_class({"cuda:0": gpu})
+    runtimes = {"fakegpu": runtime, **({"fakehost": host_runtime} if host_runtime else {})}
+    manager = ModelManager(
+        Settings(model_repository=repo, gpu_memory_budget=300 * MiB, host_memory_budget=1000 * MiB, memory_margin=0),
+        RuntimeRegistry(runtimes),
+        devices={HOST: FakeHost(10_000 * MiB), "cuda:0": gpu},
+    )
+    return manager, gpu, runtime
+
+
+# ----------------------------------------------------------------------------- rollovers
+
+
+async def test_a_rollover_holds_the_old_and_new_files_apart_in_the_ledger(tmp_path):
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "b", 150)
+    manager, gpu, runtime = make_manager(tmp_path)  # 300 MiB: a rollover of a (2 x 100) needs b out
+    peak = 0
+    load = runtime.load
+
+    async def watched(spec, placement):
+        nonlocal peak
+        model = await load(spec, placement)
+        peak = max(peak, gpu.read().used)
+        return model
+
+    runtime.load = watched
+    async with serving(manager):
+        old = manager.entry("a")
+        change_files(tmp_path, "a")
+        await manager.rescan()
+        new = manager.entry("a")
+        assert new is not old and new.state is ModelState.READY and old.model is None
+        assert manager.ledger.used("cuda:0") == gpu.ours  # nothing lost or counted twice
+        assert manager.ledger.held(new) == {"cuda:0": 100 * MiB} and manager.ledger.held(old) == {}
+        assert peak <= 300 * MiB  # b made room for the second copy of a
+        write_model(tmp_path, "c", 150, "load: lazy\n")
+        await manager.rescan()
+        await manager.infer(manager.entry("c"), request())
+        assert gpu.read().used <= 300 * MiB
+
+
+async def test_a_failed_reload_of_new_files_keeps_the_serving_models_reservation(tmp_path):
+    write_model(tmp_path, "a", 100)
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        old = manager.entry("a")
+        (tmp_path / "a" / "size_mib").write_text("not a number")  # the new files cannot load
+        change_files(tmp_path, "a")
+        await manager.rescan()
+        assert manager.entry("a") is old and old.state is ModelState.READY
+        assert manager.ledger.held(old) == {"cuda:0": 100 * MiB} == {"cuda:0": gpu.ours}
+
+
+async def test_a_request_holding_a_retired_entry_gets_503_and_loads_no_orphan(tmp_path):
+    write_model(tmp_path, "a", 100, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    async with serving(manager):
+        old = manager.entry("a")
+        await manager.infer(old, request())
+        change_files(tmp_path, "a", "load: lazy\n")  # looked up, then the files change under it
+        await manager.rescan()
+        assert manager.entry("a") is not old and old.model is None
+        with pytest.raises(ModelNotReady, match="replaced"):
+            await manager.infer(old, request())
+        assert old.model is None and runtime.loaded == ["a", "a"]  # the first load and the new files'
+    assert gpu.ours == 0
+
+
+# ----------------------------------------------------------------------------- evictions
+
+
+async def test_an_unload_during_an_eviction_waits_for_it_and_leaves_nothing_held(tmp_path):
+    write_model(tmp_path, "a", 200, "idle_unload_s: 0.2\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        a = manager.entry("a")
+        a.model.offload_gate = asyncio.Event()
+        await wait_for(lambda: a.state is ModelState.UNLOADING, "the idle sweep parking a")
+        unloading = asyncio.create_task(manager.unload("a"))
+        await asyncio.sleep(0.05)
+        assert not unloading.done()  # it waits for the move to host memory to end
+        a.model.offload_gate.set()
+        await asyncio.wait_for(unloading, 5)
+        assert a.model is None and a.parked is None and manager.ledger.held(a) == {} and gpu.ours == 0
+        assert "unloaded by request" in a.reason
+
+
+def two_victims(tmp_path):
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "v", 100)
+    write_model(tmp_path, "b", 250, "load: lazy\n")  # 300 MiB: a and v must both leave
+    return make_manager(tmp_path)
+
+
+async def test_a_victim_unloaded_after_it_was_chosen_does_not_fail_the_load(tmp_path):
+    manager, gpu, _ = two_victims(tmp_path)
+    async with serving(manager):
+        a = manager.entry("a")
+        a.model.offload_gate = asyncio.Event()
+        load = asyncio.create_task(manager.infer(manager.entry("b"), request()))
+        await wait_for(lambda: a.state is ModelState.UNLOADING, "a parking")
+        await manager.unload("v")  # the second victim goes another way meanwhile
+        a.model.offload_gate.set()
+        await asyncio.wait_for(load, 5)
+        assert manager.entry("b").state is ModelState.READY and gpu.ours == 250 * MiB
+
+
+async def test_a_victim_that_got_a_request_after_it_was_chosen_is_not_evicted(tmp_path):
+    manager, gpu, _ = two_victims(tmp_path)
+    async with serving(manager):
+        a, v = manager.entry("a"), manager.entry("v")
+        a.model.offload_gate = asyncio.Event()
+        load = asyncio.create_task(manager.infer(manager.entry("b"), request()))
+        await wait_for(lambda: a.state is ModelState.UNLOADING, "a parking")
+        async with manager.generating(v):  # a stream starts on v while a parks
+            a.model.offload_gate.set()
+            with pytest.raises(InsufficientMemory, match="busy or loading: v:1"):
+                await asyncio.wait_for(load, 5)
+            assert v.state is ModelState.READY and v.model.where == "gpu"
+
+
+async def test_a_load_that_cannot_fit_on_a_gpu_does_not_wait_for_a_load_on_the_host(tmp_path):
+    gate = asyncio.Event()
+
+    class GatedHost(HostRuntime):  # a CPU load that ends only when the test says so
+        async def load(self, spec, placement):
+            await gate.wait()
+            return HostModel(10 * MiB)
+
+    write_model(tmp_path, "p", 200, "pinned: true\n")
+    write_model(tmp_path, "big", 200, "load: lazy\n")
+    write_model(tmp_path, "h", 10)
+    (tmp_path / "h" / "model.yaml").write_text("runtime: fakehost\nload: lazy\n")
+    manager, gpu, _ = manager_for(tmp_path, host_runtime=GatedHost())
+    async with serving(manager):
+        host_load = asyncio.create_task(manager.infer(manager.entry("h"), request()))
+        await wait_for(lambda: manager.entry("h").state is ModelState.LOADING, "the host load")
+        with pytest.raises(InsufficientMemory, match="pinned: p:1"):
+            await asyncio.wait_for(manager.infer(manager.entry("big"), request()), 2)
+        gate.set()
+        await host_load
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_an_engine_that_dies_while_another_load_holds_the_lock_deadlocks_nothing(tmp_path):
+    """f's engine dies while b's load holds the lock and parks f; a request for f then starts
+    its restore, which waits for the lock behind the failure's cleanup: neither waits for the
+    other."""
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "f", 100)
+    write_model(tmp_path, "b", 250, "load: lazy\n")
+    manager, gpu, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        a, f, b = manager.entry("a"), manager.entry("f"), manager.entry("b")
+        a.model.offload_gate = asyncio.Event()
+        load_b = asyncio.create_task(manager.infer(b, request()))  # parks a, then f
+        await wait_for(lambda: a.state is ModelState.UNLOADING, "a parking")
+        manager._on_failure(f, f.model, "engine process died")  # its cleanup waits for the lock
+        a.model.offload_gate.set()
+        await wait_for(lambda: b.state is ModelState.LOADING and f.parked is not None, "f parked, b loading")
+        request_f = asyncio.create_task(manager.infer(f, request()))  # its restore waits for the lock
+        await wait_for(lambda: f.loading is not None, "f's restore")
+        runtime.gate.set()
+        await asyncio.wait_for(load_b, 5)
+        (answer,) = await asyncio.wait_for(asyncio.gather(request_f, return_exceptions=True), 5)  # not a hang
+        # b was still busy with its own request when f's restore asked for room
+        assert not isinstance(answer, BaseException) or isinstance(answer, InsufficientMemory), answer
+        await manager.infer(f, request())  # and f serves again
+        assert f.state is ModelState.READY and gpu.ours <= 300 * MiB
+    assert gpu.ours == 0
+
+
+async def test_a_model_that_cannot_be_restored_is_unloaded_and_comes_back_from_disk(tmp_path):
+    class Unrestorable(GpuModel):
+        async def restore(self, placement: Placement) -> None:
+            raise RuntimeError("the engine is gone")
+
+    class Runtime(GpuRuntime):
+        async def load(self, spec, placement):
+            self.loaded.append(spec.name)
+            size = int((spec.artifact / "size_mib").read_text()) * MiB
+            model_class = Unrestorable if self.loaded.count(spec.name) == 1 else GpuModel
+            return model_class(self.gpus[placement.device], size)
+
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, runtime = manager_for(tmp_path, Runtime)
+    async with serving(manager):
+        a = manager.entry("a")
+        await manager.infer(manager.entry("b"), request())  # a parks in host memory
+        assert a.parked is not None
+        with pytest.raises(ModelNotReady, match="the engine is gone"):
+            await manager.infer(a, request())  # (b parks, then a's restore fails)
+        assert a.model is None and manager.ledger.held(a) == {}  # unloaded, its host copy freed
+        await manager.infer(a, request())  # the next request loads it from disk
+        assert a.state is ModelState.READY and runtime.loaded.count("a") == 2
+
+
+async def test_a_load_that_fails_after_the_runtime_loaded_unloads_what_it_loaded(tmp_path):
+    class Unwatchable(GpuModel):
+        def watch(self, on_failure) -> None:
+            raise RuntimeError("cannot watch the engine")
+
+    class Runtime(GpuRuntime):
+        async def load(self, spec, placement):
+            self.loaded.append(spec.name)
+            model_class = Unwatchable if len(self.loaded) == 1 else GpuModel
+            return model_class(self.gpus[placement.device], 100 * MiB)
+
+    write_model(tmp_path, "a", 100, "load: lazy\n")
+    manager, gpu, _ = manager_for(tmp_path, Runtime)
+    async with serving(manager):
+        a = manager.entry("a")
+        with pytest.raises(ModelNotReady, match="cannot watch"):
+            await manager.infer(a, request())
+        assert a.model is None and manager.ledger.held(a) == {} and gpu.ours == 0
+        await manager.infer(a, request())
+        assert gpu.ours == 100 * MiB == manager.ledger.used("cuda:0")
+
+
+# ----------------------------------------------------------------------------- idle unloads
+
+
+async def test_a_model_used_while_the_idle_sweep_waited_for_the_lock_stays(tmp_path):
+    write_model(tmp_path, "a", 100, "idle_unload_s: 1.0\n")
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    manager, gpu, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        a = manager.entry("a")
+        load_b = asyncio.create_task(manager.infer(manager.entry("b"), request()))
+        await wait_for(manager.residency.lock.locked, "b's load holding the lock")
+        await asyncio.sleep(1.6)  # a is idle past its timeout: a sweep (every 0.5 s) waits for the lock
+        assert a.state is ModelState.READY
+        await manager.infer(a, request())  # used meanwhile
+        runtime.gate.set()
+        await load_b
+        await asyncio.sleep(0.05)  # the sweep has the lock now
+        assert a.state is ModelState.READY, a.reason
+
+
+async def test_idle_time_counts_from_the_end_of_the_last_request(tmp_path):
+    write_model(tmp_path, "a", 100)
+    manager, _, _ = make_manager(tmp_path)
+    async with serving(manager):
+        a = manager.entry("a")
+        a.model.gate = asyncio.Event()
+        running = asyncio.create_task(manager.infer(a, request()))
+        await asyncio.sleep(0.1)
+        ending = time.monotonic()
+        a.model.gate.set()
+        await running
+        assert a.last_used >= ending
