@@ -11,6 +11,7 @@ queue behind a concurrency cap.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -282,15 +283,18 @@ class Batcher:
 
     def _trim_to_preferred(self, batch: list[_Pending], rows: int) -> None:
         """Give back the newest requests until the batch has the largest preferred size that
-        fits (when one does); they lead the next batch."""
+        fits (when one does); they go back to the queue in arrival order."""
         fitting = [size for size in self.policy.preferred_batch_sizes if size <= rows]
         if not fitting:
             return
         target = max(fitting)
+        returned: list[_Pending] = []
         while rows > target and len(batch) > 1:
             item = batch.pop()
             rows -= item.rows
-            self._queue.appendleft(item)
+            returned.insert(0, item)
+        if returned:  # back in arrival order: not ahead of older requests of another kind
+            self._queue = deque(heapq.merge(returned, self._queue, key=lambda p: p.enqueued))
 
     async def _run(self, batch: list[_Pending]) -> None:
         self._running += 1
@@ -305,7 +309,12 @@ class Batcher:
         requests = [p.request for p in batch]
         started = time.monotonic()
         try:
-            responses = _one_for_one(requests, await self.model.infer(requests))
+            try:
+                responses = _one_for_one(requests, await self.model.infer(requests))
+            except asyncio.CancelledError as cancelled:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]  # the batcher stops
+                    raise
+                raise InferenceError(f"model {self.label} cancelled its own call") from cancelled
             self.metrics.batch(
                 sum(p.rows for p in batch), [started - p.enqueued for p in batch], time.monotonic() - started
             )
@@ -334,6 +343,9 @@ async def _before(waitable: asyncio.Future[InferResponse], deadline: float, labe
         if not waitable.done():
             waitable.add_done_callback(_consume_result)
         raise InferenceTimeout(f"model {label} did not answer before the request's deadline") from None
+    except asyncio.CancelledError:  # the caller went: a queued request gives its place up, unrun
+        waitable.cancel()
+        raise
 
 
 async def _own_call(

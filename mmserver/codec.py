@@ -92,11 +92,11 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
 def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if not 0 <= length <= len(body):
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):  # int() would also take "1_0", "+5" and "-1"
+        raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, not {header_length!r}")
+    length = int(text)
+    if length > len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
         )

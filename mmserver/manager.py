@@ -23,6 +23,7 @@ from .devices import Device, discover_devices
 from .entry import ModelEntry
 from .errors import (
     Forbidden,
+    InferenceTimeout,
     InsufficientMemory,
     MMServerError,
     ModelLoadError,
@@ -184,7 +185,7 @@ class ModelManager:
         ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``)."""
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
-            batcher = await self._wait_until_ready(entry)
+            batcher = await self._wait_until_ready_before(entry, deadline)
         entry.model.validate(request)  # type: ignore[union-attr]
         entry.last_used = time.monotonic()
         try:
@@ -375,6 +376,15 @@ class ModelManager:
         if entry.state is not ModelState.READY or entry.batcher is None:
             raise _not_ready(entry)
         return entry.batcher
+
+    async def _wait_until_ready_before(self, entry: ModelEntry, deadline: float | None) -> Batcher:
+        """``_wait_until_ready``, given up (the load goes on) once a request's deadline passes."""
+        if deadline is None:
+            return await self._wait_until_ready(entry)
+        try:
+            return await asyncio.wait_for(self._wait_until_ready(entry), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise InferenceTimeout(f"model '{entry.key}' was still loading when the request's deadline passed") from None
 
     async def _ensure_loading(self, entry: ModelEntry) -> None:
         """Start the entry's load unless one is running or it is loaded; wait for it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,11 +128,13 @@ class Repository:
                 runtime = config.runtime or self.registry.detect(path)
                 if runtime is None:
                     raise InvalidInput(self._undetected(path))
-                model.versions[version] = ModelSpec(name, version, path, runtime, config, source)
+                artifact = path / config.uri if config.uri else path
+                model.versions[version] = ModelSpec(name, version, path, runtime, config, source,
+                                                    files_of(artifact, hidden=False))
             model.served = select_versions(list(model.versions), config.versions)
             model.served_policy = config.versions
             return model
-        except (InvalidInput, OSError) as exc:
+        except (InvalidInput, OSError, ValueError) as exc:  # ValueError: a path with a NUL in it
             reason = exc.message if isinstance(exc, InvalidInput) else f"cannot read {folder}: {exc}"
             log.error("model folder %s/: %s", folder.name, reason)
             return RepositoryModel(folder_name, folder, error=reason)
@@ -169,6 +172,31 @@ class Repository:
         )
 
 
+FileSignature = frozenset[tuple[str, int, int]]
+
+
+def files_of(path: Path, hidden: bool = True) -> FileSignature:
+    """(path, size, mtime) of ``path`` if it is a file, else of every file under it (with
+    ``hidden=False``, not those under names starting with '.'). Files and folders that vanish
+    while it looks are left out: a later look sees the change."""
+    if not path.is_dir():
+        paths = [str(path)]
+    else:
+        paths = []
+        for folder, dirs, files in os.walk(path):  # (errors, such as a folder removed meanwhile, are skipped)
+            if not hidden:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths.extend(os.path.join(folder, f) for f in files if hidden or not f.startswith("."))
+    entries = []
+    for name in paths:
+        try:
+            stat = os.stat(name)
+        except (OSError, ValueError):
+            continue
+        entries.append((name, stat.st_size, stat.st_mtime_ns))
+    return frozenset(entries)
+
+
 def select_versions(found: list[str], policy: str | int | list[str]) -> list[str]:
     """The versions a policy serves, newest first. ``found`` is ordered oldest first."""
     newest_first = list(reversed(found))
@@ -183,8 +211,8 @@ def select_versions(found: list[str], policy: str | int | list[str]) -> list[str
 
 def _parse_model_yaml(path: Path) -> ModelConfig:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"{path.parent.name}/{MODEL_YAML} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidInput(f"{path.parent.name}/{MODEL_YAML} must be a mapping")

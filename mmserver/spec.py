@@ -93,6 +93,8 @@ class ModelSpec:
     runtime: str
     config: ModelConfig
     source: str
+    #: (path, size, mtime) of its files: new files in the same folder make a different spec
+    files: frozenset[tuple[str, int, int]] = frozenset()
 
     @property
     def artifact(self) -> Path:

@@ -15,24 +15,13 @@ from pathlib import Path
 
 import watchfiles
 
+from .repository import FileSignature, files_of
+
 log = logging.getLogger(__name__)
 
-Signature = frozenset[tuple[str, int, int]]
-
-
-def folder_signature(root: Path, names: set[str]) -> Signature:
+def folder_signature(root: Path, names: set[str]) -> FileSignature:
     """(path, size, mtime) of every file under the named top-level folders of ``root``."""
-    entries = []
-    for name in names:
-        folder = root / name
-        paths = folder.rglob("*") if folder.is_dir() else [folder]
-        for path in paths:
-            try:
-                stat = path.stat()
-            except OSError:  # vanished while we looked: the next round sees the change
-                continue
-            entries.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return frozenset(entries)
+    return frozenset().union(*(files_of(root / name) for name in names))
 
 
 class RepositoryWatcher:
@@ -56,9 +45,9 @@ class RepositoryWatcher:
             touched = {self._top_level(Path(path)) for _, path in changes} - {None}
             if not touched:
                 continue
-            await self._settle(touched)  # type: ignore[arg-type]
-            log.info("repository changed (%s): rescanning", ", ".join(sorted(touched)))  # type: ignore[arg-type]
             try:
+                await self._settle(touched)  # type: ignore[arg-type]
+                log.info("repository changed (%s): rescanning", ", ".join(sorted(touched)))  # type: ignore[arg-type]
                 await self.on_change()
             except Exception:  # a bad rescan must not stop the watching
                 log.exception("rescanning the repository failed")

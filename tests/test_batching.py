@@ -315,6 +315,49 @@ async def test_preferred_batch_sizes_trim_a_batch_to_the_largest_that_fits():
     assert [values(r) for r in results] == [[i * 10.0] for i in range(11)]
 
 
+async def test_requests_given_back_by_a_preferred_size_do_not_overtake_older_ones():
+    model = RowEcho()
+    policy = BatchPolicy(max_batch_size=16, preferred_batch_sizes=(2,), adaptive_fill=False)
+    batcher = Batcher(model, policy, "m:1")
+    first = await blocked(batcher, model)
+    kinds = [("a1", "FP32"), ("b1", "FP64"), ("a2", "FP32"), ("a3", "FP32"), ("a4", "FP32")]
+    tasks = [asyncio.create_task(batcher.submit(request(rid, [1.0], datatype))) for rid, datatype in kinds]
+    await asyncio.sleep(0)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert model.calls[1:] == [["a1", "a2"], ["b1"], ["a3", "a4"]]  # b1 came before a3 and a4
+
+
+async def test_a_cancelled_caller_with_a_deadline_gives_its_place_up_and_never_runs():
+    model = RowEcho()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=1, max_queue=1), "m:1")
+    first = await blocked(batcher, model)
+    waiting = asyncio.create_task(batcher.submit(request("gone", [1.0]), deadline=time.monotonic() + 30))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    fresh = asyncio.create_task(batcher.submit(request("fresh", [2.0])))  # the one place is free again
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    assert values(await fresh) == [20.0]
+    await first
+    assert model.calls == [["first"], ["fresh"]]
+
+
+async def test_a_model_whose_call_raises_cancelled_error_fails_that_request_only():
+    class CancelsItself(RowEcho):  # e.g. a runtime whose executor future was cancelled
+        async def infer(self, requests):
+            if any(r.parameters.get("cancel") for r in requests):
+                raise asyncio.CancelledError()
+            return await super().infer(requests)
+
+    batcher = Batcher(CancelsItself(), BatchPolicy(max_batch_size=4), "m:1")
+    with pytest.raises(InferenceError, match="cancelled its own call"):
+        await asyncio.wait_for(batcher.submit(request("bad", [1.0], cancel=True)), 2)
+    assert values(await asyncio.wait_for(batcher.submit(request("ok", [2.0])), 2)) == [20.0]
+
+
 async def test_batch_metrics_count_rows_batches_and_queue_waits():
     from prometheus_client.parser import text_string_to_metric_families
 

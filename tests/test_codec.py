@@ -497,15 +497,10 @@ def test_header_length_larger_than_body(extra):
     )
 
 
-def test_negative_header_length():
+@pytest.mark.parametrize("header", ["abc", "1.5", "", "0x10", "-1", "1_0", "+5", "١٢"])
+def test_header_length_not_a_non_negative_integer(header):
     body = request_body(tensor("FP32", [1], [2.0]))
-    assert "Inference-Header-Content-Length is -1" in invalid(body, "-1")
-
-
-@pytest.mark.parametrize("header", ["abc", "1.5", "", "0x10"])
-def test_header_length_not_an_integer(header):
-    body = request_body(tensor("FP32", [1], [2.0]))
-    assert invalid(body, header) == "Inference-Header-Content-Length must be an integer"
+    assert invalid(body, header) == f"Inference-Header-Content-Length must be a non-negative integer, not {header!r}"
 
 
 def test_header_length_cutting_the_json():

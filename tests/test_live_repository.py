@@ -124,6 +124,56 @@ def test_versions_roll_over_without_failing_a_request(live_repo, start_server, t
         assert httpx.post(f"{url}/v2/models/m/versions/3/infer", json=body(np.ones((1, FEATURES)))).status_code == 503
 
 
+def test_new_files_in_a_versions_folder_replace_its_model_without_failing_a_request(live_repo, start_server,
+                                                                                 tmp_path):
+    def predicted(url: str) -> int:
+        response = httpx.post(f"{url}/v2/models/m/infer", json=body(np.ones((1, FEATURES))))
+        return response.json()["outputs"][0]["data"][0]
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, FEATURES))
+    flipped = LogisticRegression().fit(x, (x[:, 1] <= 0).astype(int))  # trained(1) with its labels flipped
+    with start_server(live_repo, tmp_path / "server.log", *WATCH) as server:
+        url = server.url
+        before = predicted(url)
+        with Traffic(url, "m") as traffic:
+            wait_for(lambda: len(traffic.answers) > 20, what="traffic")
+            joblib.dump(flipped, live_repo / "m" / "1" / ".model.joblib.new")
+            os.replace(live_repo / "m" / "1" / ".model.joblib.new", live_repo / "m" / "1" / "model.joblib")
+            wait_for(lambda: predicted(url) != before, what="the new files to serve")
+        assert {status for status, _ in traffic.answers} == {200}
+        assert "m:1 READY" in server.log().split("rescanning")[-1]  # loaded again after the change
+
+
+def test_a_failure_while_the_watcher_settles_does_not_stop_it(tmp_path, monkeypatch):
+    """watchfiles' event stream is replaced by two batches of changes; measuring the folder
+    fails for the first (it vanished meanwhile, say): the second still gets its rescan."""
+    import asyncio
+
+    from mmserver import watcher
+
+    async def two_batches(*args, **kwargs):
+        for _ in range(2):
+            yield {(1, str(tmp_path / "m" / "model.joblib"))}
+
+    failures = iter([FileNotFoundError("m/2 was removed during the walk")])
+
+    def signature(root, names):
+        for failure in failures:
+            raise failure
+        return frozenset()
+
+    monkeypatch.setattr(watcher.watchfiles, "awatch", two_batches)
+    monkeypatch.setattr(watcher, "folder_signature", signature)
+    rescans = []
+
+    async def on_change() -> None:
+        rescans.append(1)
+
+    asyncio.run(watcher.RepositoryWatcher(tmp_path, on_change, settle_s=0.01, poll=True).run())
+    assert rescans == [1]
+
+
 def test_folders_dropped_in_or_removed_are_served_or_retired(live_repo, start_server, tmp_path):
     with start_server(live_repo, tmp_path / "server.log", *WATCH) as server:
         url = server.url

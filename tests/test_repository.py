@@ -652,3 +652,49 @@ def test_read_sees_changes_on_disk(artifacts, repo, repo_root):
     assert repo.read("iris").served == ["1"]
     put(artifacts, "logistic", repo_root / "iris" / "2", "model.joblib")
     assert repo.read("iris").served == ["2"]
+
+
+# ----------------------------------------------------------------------------- what tells files apart
+
+
+def test_a_versions_spec_changes_with_its_files_and_not_with_hidden_ones(artifacts, repo, repo_root):
+    put(artifacts, "logistic", repo_root / "m" / "1", "model.joblib")
+    before = repo.scan()["m"].versions["1"]
+    assert before.files and repo.scan()["m"].versions["1"] == before  # nothing changed: the same spec
+    write(repo_root / "m" / "1" / ".lock", "x")  # hidden files (tool state) do not count
+    assert repo.scan()["m"].versions["1"] == before
+    put(artifacts, "forest", repo_root / "m" / "1", "model.joblib")  # new files, same folder
+    assert repo.scan()["m"].versions["1"] != before
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("model.yaml", "# mod\xe8le\nruntime: sklearn\n".encode("latin-1")),  # saved by a Latin-1 editor
+    ("model.yaml", b'runtime: sklearn\nuri: "model\\0.joblib"\n'),  # a NUL in the uri
+    ("model-settings.json", json.dumps({"parameters": {"uri": "m\u0000.joblib"}}).encode()),
+    ("model.yaml", ("parameters: {a: " + "[" * 3000 + "]" * 3000 + "}\n").encode()),  # nested too deep
+])
+def test_a_config_that_cannot_be_read_is_that_models_reason_not_a_failed_scan(artifacts, repo, repo_root,
+                                                                               name, content):
+    put(artifacts, "logistic", repo_root / "bad", "model.joblib")
+    (repo_root / "bad" / name).write_bytes(content)
+    put(artifacts, "logistic", repo_root / "good", "model.joblib")
+    models = repo.scan()
+    assert models["bad"].error and models["good"].error is None
+
+
+def test_the_files_of_a_folder_removed_while_they_are_listed_are_left_out(tmp_path, monkeypatch):
+    from mmserver import repository
+
+    for version in ("1", "2"):
+        write(tmp_path / "m" / version / "model.joblib", "x")
+    walk = os.walk
+
+    def racing_walk(top, *args, **kwargs):  # the operator's rm -rf m/2 completes mid-walk
+        for i, step in enumerate(walk(top, *args, **kwargs)):
+            if i == 1:
+                shutil.rmtree(tmp_path / "m" / ("2" if step[0].endswith("1") else "1"))
+            yield step
+
+    monkeypatch.setattr(repository.os, "walk", racing_walk)
+    files = repository.files_of(tmp_path / "m")
+    assert len(files) == 1 and next(iter(files))[0].endswith("model.joblib")

@@ -27,7 +27,7 @@ from test_residency import (  # tests/ is on sys.path (rootdir conftest)
     write_model,
 )
 
-from mmserver.errors import InsufficientMemory, ModelNotReady
+from mmserver.errors import InferenceTimeout, InsufficientMemory, ModelNotReady
 from mmserver.manager import ModelManager
 from mmserver.runtime import HOST, Placement, RuntimeRegistry
 from mmserver.settings import Settings
@@ -318,3 +318,20 @@ async def test_idle_time_counts_from_the_end_of_the_last_request(tmp_path):
         a.model.gate.set()
         await running
         assert a.last_used >= ending
+
+
+# ----------------------------------------------------------------------------- deadlines
+
+
+async def test_a_requests_deadline_bounds_its_wait_for_a_lazy_load(tmp_path):
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    manager, _, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        b = manager.entry("b")
+        started = time.monotonic()
+        with pytest.raises(InferenceTimeout, match="still loading"):
+            await manager.infer(b, request(), deadline=time.monotonic() + 0.2)
+        assert time.monotonic() - started < 1.0 and b.state is ModelState.LOADING and b.waiting == 0
+        runtime.gate.set()  # the load went on: the next request finds the model ready
+        await manager.infer(b, request(), deadline=time.monotonic() + 5)
+        assert b.state is ModelState.READY
