@@ -653,7 +653,7 @@ def test_route_errors_are_json(client, method, path, status, fragments):
     ("GET", "/openai/v1/no/such/route", 404, None),
     ("GET", "/v1/completions", 405, "POST"),
     ("PUT", "/openai/v1/chat/completions", 405, "POST"),
-    ("POST", "/v1/models", 405, "HEAD, GET"),
+    ("POST", "/v1/models", 405, "GET, HEAD"),
 ])
 def test_route_errors_under_the_openai_prefixes_have_openai_error_bodies(client, method, path, status, allow):
     response = client.request(method, path)
@@ -661,7 +661,8 @@ def test_route_errors_under_the_openai_prefixes_have_openai_error_bodies(client,
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert path in error["message"]
-    assert response.headers.get("allow") == allow
+    allowed = response.headers.get("allow")
+    assert (allowed and sorted(allowed.split(", "))) == (allow and allow.split(", "))  # (a set: any order)
 
 
 def test_a_model_that_does_not_generate_text_is_not_an_openai_model(client):

@@ -776,6 +776,63 @@ def test_chat_max_tokens_holds_when_max_completion_tokens_is_null(hf_server: Any
     assert response.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.fixture(scope="module")
+def eos_first(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny generator, re-saved with the first token it generates greedily after 'the cat'
+    as its end-of-sequence token: a generation ends at once unless ``ignore_eos`` holds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_hf.build_generator(tmp_path_factory.mktemp("eos-first") / "gen")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        first = int(model.generate(**tokenizer(["the cat"], return_tensors="pt"), max_new_tokens=1,
+                                   do_sample=False)[0, -1])
+    model.generation_config.eos_token_id = model.config.eos_token_id = first
+    model.save_pretrained(folder)
+    return folder
+
+
+def _generated(folder: Path, prompt: str | list[int], **params: Any) -> Any:
+    from mmserver.generation import GenerationRequest, SamplingParams, generate_all
+
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder, threads=1), Placement("cpu")))
+    try:
+        return asyncio.run(generate_all(model, GenerationRequest(prompt, SamplingParams(**params))))[0]
+    finally:
+        asyncio.run(model.unload())
+
+
+def test_ignore_eos_generates_max_tokens(eos_first: Path) -> None:
+    ended = _generated(eos_first, "the cat", max_tokens=5, temperature=0.0)
+    assert ended.finish_reason == "stop" and ended.completion_tokens == 1  # its first token is the end
+    done = _generated(eos_first, "the cat", max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert done.completion_tokens == 5 and done.finish_reason == "length"
+
+
+def test_top_k_zero_samples_from_the_whole_vocabulary(hf_repo: HFRepo, reference: Reference) -> None:
+    import torch
+
+    folder = hf_repo.folder("generator")
+    ids = reference.generator_tok("the cat")["input_ids"]
+    done = _generated(folder, ids, max_tokens=30, temperature=2.0, top_k=0, seed=123)
+    x = torch.tensor([ids])
+    expected = {}
+    for k in (0, 50):  # transformers' own sampling with top-k off, and with its default of 50
+        torch.manual_seed(123)
+        with torch.inference_mode():
+            out = reference.generator.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
+                                               temperature=2.0, top_p=1.0, top_k=k, max_new_tokens=30,
+                                               pad_token_id=reference.generator_tok.pad_token_id)
+        tokens = out[0, x.shape[1]:].tolist()
+        eos = reference.generator_tok.eos_token_id
+        expected[k] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    assert expected[0] != expected[50]
+    generated = list(done.token_ids)
+    assert generated == expected[0][:len(generated)] != expected[50][:len(generated)]
+
+
 @pytest.fixture
 def cuda() -> str:
     torch = pytest.importorskip("torch")

@@ -162,8 +162,8 @@ def _generate(model: TransformersModel, ids: list[int], params: SamplingParams, 
         config.min_new_tokens = params.min_tokens or None
         if params.repetition_penalty != 1.0:
             config.repetition_penalty = params.repetition_penalty
-        if params.ignore_eos:
-            config.eos_token_id = None
+        if params.ignore_eos:  # (None would be refilled from the model's own generation config)
+            config.eos_token_id = []
         if params.greedy:
             config.do_sample = False
             config.temperature = config.top_p = config.top_k = None
@@ -171,7 +171,7 @@ def _generate(model: TransformersModel, ids: list[int], params: SamplingParams, 
             config.do_sample = True
             config.temperature = params.temperature
             config.top_p = params.top_p
-            config.top_k = params.top_k or None
+            config.top_k = params.top_k  # 0 is off (None would be refilled with the checkpoint's or 50)
         inputs = torch.tensor([ids], dtype=torch.long, device=model.device)
         mask = torch.ones_like(inputs)
         stop = StoppingCriteriaList([_Cancelled(cancel)])
