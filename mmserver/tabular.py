@@ -18,6 +18,7 @@ from .runtime import HOST, AdaptiveExecutor, LoadedModel
 from .types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 FEATURES_INPUT = "input-0"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class TabularModel(LoadedModel):
@@ -63,6 +64,8 @@ class TabularModel(LoadedModel):
                 )
             if tensor.data.dtype.kind == "f" and not np.isfinite(tensor.data).all():
                 self._check_missing_values(tensor)
+            if self.input_dtype == np.float32 and tensor.data.dtype == np.float64 and tensor.data.size:
+                self._check_float32_range(tensor)
         for name in request.output_names:
             if name not in self._output_names:
                 raise InvalidInput(
@@ -97,6 +100,15 @@ class TabularModel(LoadedModel):
     @abstractmethod
     def predict(self, matrix: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Compute the named outputs for every row of ``matrix`` (inline or on a worker thread)."""
+
+    def _check_float32_range(self, tensor: InferInput) -> None:
+        """The model computes in float32: a larger value would become infinity (as the library
+        itself refuses it, so does the server)."""
+        with np.errstate(invalid="ignore"):
+            too_large = np.abs(tensor.data) > FLOAT32_MAX
+        if too_large.any():
+            raise InvalidInput(f"input '{tensor.name}' holds values beyond float32's range (±3.4e38), "
+                               "in which this model computes")
 
     def _check_missing_values(self, tensor: InferInput) -> None:
         if np.isinf(tensor.data).any():

@@ -231,3 +231,48 @@ def test_rows_whose_top_probabilities_tie_get_the_estimators_own_label(decision,
     assert np.count_nonzero(proba == proba.max()) == 2  # the probabilities tie...
     assert estimator.predict(row)[0] == 1 != np.argmax(proba)  # ...but the decision does not
     assert _both_outputs(estimator, row, fast_path)["predict"].tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- the features' dtype
+
+
+def _served(model: SKLearnModel, x: np.ndarray) -> dict[str, np.ndarray]:
+    """What the runtime answers for float64 rows sent as FP64, through validate and infer."""
+    import asyncio
+
+    from mmserver.types import InferInput, InferRequest
+
+    request = InferRequest([InferInput("input-0", "FP64", x)])
+    model.validate(request)
+    return {o.name: o.data for o in asyncio.run(model.infer([request]))[0].outputs}
+
+
+def test_a_pipeline_ending_in_trees_and_an_ensemble_of_other_models_get_float64_features():
+    from sklearn.ensemble import BaggingRegressor, VotingClassifier
+
+    rng = np.random.default_rng(3)
+    x = 1e8 + rng.normal(size=(400, 4)) * 10.0  # (timestamps, say): float32 would erase the differences
+    y = x[:, 0] > 1e8
+    pipeline = make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=10, random_state=0)).fit(x, y)
+    np.testing.assert_array_equal(_served(SKLearnModel(pipeline, 0), x[:80])["predict"], pipeline.predict(x[:80]))
+    scaled = (x - 1e8) / 10.0
+    voting = VotingClassifier([("a", LogisticRegression()), ("b", LogisticRegression(C=0.1))],
+                              voting="soft").fit(scaled, y)
+    np.testing.assert_array_equal(_served(SKLearnModel(voting, 0), scaled[:80])["predict_proba"],
+                                  voting.predict_proba(scaled[:80]))
+    bagging = BaggingRegressor(LinearRegression(), n_estimators=3, random_state=0).fit(scaled, x[:, 1] - 1e8)
+    np.testing.assert_array_equal(_served(SKLearnModel(bagging, 0), scaled[:80])["predict"], bagging.predict(scaled[:80]))
+
+
+def test_a_value_beyond_float32_to_a_model_that_computes_in_float32_is_refused():
+    from mmserver.errors import InvalidInput
+
+    x, y = _data(n_features=4)
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y > 0)
+    model = SKLearnModel(forest, 0)
+    rows = x[:2].astype(np.float64)
+    rows[1, 2] = 1e39  # float32 would make it infinity, which scikit-learn refuses
+    with pytest.raises(InvalidInput, match="beyond float32"):
+        _served(model, rows)
+    rows[1, 2] = 3e38  # the largest values still fit
+    assert _served(model, rows)["predict"].shape == (2,)

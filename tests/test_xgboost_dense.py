@@ -86,6 +86,23 @@ def test_the_runtime_uses_the_c_api_path_and_answers_as_the_classifier_does():
     np.testing.assert_array_equal(result["predict_proba"], classifier.predict_proba(rows))
 
 
+def test_an_early_stopped_classifier_answers_with_its_best_rounds_as_the_classifier_does(tmp_path):
+    from mmserver_xgboost import _load
+
+    x = _data(400, 6)
+    y = np.nan_to_num(x[:, 0]) + np.random.default_rng(0).normal(size=400) > 0
+    classifier = xgb.XGBClassifier(n_estimators=200, early_stopping_rounds=5, learning_rate=0.3, n_jobs=1)
+    classifier.fit(x[:300], y[:300], eval_set=[(x[300:], y[300:])], verbose=False)
+    assert classifier.best_iteration + 1 < classifier.get_booster().num_boosted_rounds()
+    classifier.save_model(tmp_path / "model.json")
+    model = _load(tmp_path / "model.json", threads=2)
+    assert model.booster.num_boosted_rounds() == classifier.best_iteration + 1
+    rows = _data(50, 7)
+    result = model.predict(rows, ["predict", "predict_proba"])
+    np.testing.assert_array_equal(result["predict"], classifier.predict(rows))
+    np.testing.assert_allclose(result["predict_proba"], classifier.predict_proba(rows), rtol=1e-6)
+
+
 def test_a_booster_whose_own_answer_differs_keeps_inplace_predict():
     booster = _train("reg:squarederror")
     own = booster.inplace_predict

@@ -100,8 +100,9 @@ class SKLearnModel(TabularModel):
         self._argmax_but_ties = sklearn_own and type(final).__name__ in _ARGMAX_OF_PROBA_BUT_TIES
         # predict_proba of a forest classifier, predict of a forest regressor, or None
         self._forest = forest_predictor(estimator)
-        # tree ensembles work in float32; giving them float32 saves a copy per batch
-        input_dtype = np.float32 if hasattr(final, "tree_") or hasattr(final, "estimators_") else np.float64
+        # trees work in float32; giving them float32 saves a copy per batch (not to a pipeline,
+        # whose earlier steps compute in float64, nor to an ensemble of other models)
+        input_dtype = np.float32 if _is_trees(estimator) else np.float64
         self._linear = linear_predictor(estimator, np.dtype(input_dtype))
         names = getattr(estimator, "feature_names_in_", None)
         super().__init__(
@@ -178,6 +179,17 @@ def _accepts_missing_values(estimator: Any) -> bool:
         return bool(estimator.__sklearn_tags__().input_tags.allow_nan)
     except AttributeError:  # scikit-learn before 1.6 has no tags object
         return False
+
+
+def _is_trees(estimator: Any) -> bool:
+    """A decision tree, or an ensemble made only of decision trees (forests, gradient boosting)."""
+    if hasattr(estimator, "tree_"):
+        return True
+    members = getattr(estimator, "estimators_", None)
+    if members is None:
+        return False
+    flat = np.asarray(members, dtype=object).ravel()
+    return flat.size > 0 and all(hasattr(member, "tree_") for member in flat)
 
 
 def _label_datatype(classes: np.ndarray | None) -> str:

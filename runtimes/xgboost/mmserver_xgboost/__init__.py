@@ -74,6 +74,7 @@ class XGBoostModel(TabularModel):
     """A loaded Booster."""
 
     def __init__(self, booster: Any, host_bytes: int, threads: int = 1) -> None:
+        booster = _best_rounds(booster)
         self.booster = booster
         self._dense = dense_predictor(booster, threads)
         learner = json.loads(booster.save_config())["learner"]
@@ -124,6 +125,15 @@ class XGBoostModel(TabularModel):
             self._dense = None
         self.booster = None
         await super().unload()
+
+
+def _best_rounds(booster: Any) -> Any:
+    """The booster cut to its best iteration when training stopped early: the rounds
+    ``XGBClassifier.predict`` uses (the later ones made the model worse on its evaluation set)."""
+    best = booster.attr("best_iteration")
+    if best is None or not best.isdigit() or int(best) + 1 >= booster.num_boosted_rounds():
+        return booster
+    return booster[: int(best) + 1]
 
 
 def _sklearn_attributes(booster: Any) -> dict[str, Any]:
