@@ -276,3 +276,19 @@ def test_a_value_beyond_float32_to_a_model_that_computes_in_float32_is_refused()
         _served(model, rows)
     rows[1, 2] = 3e38  # the largest values still fit
     assert _served(model, rows)["predict"].shape == (2,)
+
+
+def test_multi_output_classifiers_and_regressors_answer_a_label_or_value_per_output():
+    from sklearn.multioutput import MultiOutputClassifier
+
+    x, target = _data(n_features=4)
+    labels = np.column_stack([target > 0, x[:, 1] > 0.5]).astype(int)
+    for estimator in (RandomForestClassifier(n_estimators=5, random_state=0).fit(x, labels),
+                      MultiOutputClassifier(LogisticRegression()).fit(x, labels)):
+        model = SKLearnModel(estimator, 0)
+        assert [(o.name, o.datatype, o.shape) for o in model.metadata().outputs] == [("predict", "INT64", (-1, 2))]
+        np.testing.assert_array_equal(_served(model, x[:30])["predict"], estimator.predict(x[:30]))
+    regressor = RandomForestRegressor(n_estimators=5, random_state=0).fit(x, np.column_stack([target, x[:, 3]]))
+    model = SKLearnModel(regressor, 0)
+    assert [(o.name, o.shape) for o in model.metadata().outputs] == [("predict", (-1, 2))]
+    np.testing.assert_array_equal(_served(model, x[:30])["predict"], regressor.predict(x[:30]))

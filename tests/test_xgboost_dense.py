@@ -103,6 +103,21 @@ def test_an_early_stopped_classifier_answers_with_its_best_rounds_as_the_classif
     np.testing.assert_allclose(result["predict_proba"], classifier.predict_proba(rows), rtol=1e-6)
 
 
+def test_multi_label_classifiers_and_multi_output_regressors_answer_a_column_per_target():
+    x = np.nan_to_num(_data(300, 8))
+    labels = np.column_stack([x[:, 0] > 0, x[:, 1] > 0, x[:, 2] > 0]).astype(int)
+    classifier = xgb.XGBClassifier(n_estimators=5, n_jobs=1).fit(x, labels)
+    model = XGBoostModel(classifier.get_booster(), host_bytes=0)
+    assert [(o.name, o.shape) for o in model.metadata().outputs] == [("predict", (-1, 3)), ("predict_proba", (-1, 3))]
+    result = model.predict(x[:40], ["predict", "predict_proba"])
+    np.testing.assert_array_equal(result["predict"], classifier.predict(x[:40]).astype(np.int64))
+    np.testing.assert_allclose(result["predict_proba"], classifier.predict_proba(x[:40]), rtol=1e-6)
+    regressor = xgb.XGBRegressor(n_estimators=5, n_jobs=1).fit(x, labels.astype(float))
+    model = XGBoostModel(regressor.get_booster(), host_bytes=0)
+    assert [(o.name, o.shape) for o in model.metadata().outputs] == [("predict", (-1, 3))]
+    np.testing.assert_allclose(model.predict(x[:40], ["predict"])["predict"], regressor.predict(x[:40]), rtol=1e-6)
+
+
 def test_a_booster_whose_own_answer_differs_keeps_inplace_predict():
     booster = _train("reg:squarederror")
     own = booster.inplace_predict

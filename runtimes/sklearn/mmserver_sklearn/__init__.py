@@ -89,10 +89,14 @@ class SKLearnModel(TabularModel):
         self.estimator = estimator
         final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
         classes = getattr(final, "classes_", None)
-        self.classes = np.asarray(classes) if classes is not None else None
-        label_datatype = _label_datatype(self.classes)
+        # a classifier of several outputs has classes (and predicts a label) per output; its
+        # per-output probabilities are not offered
+        per_output = isinstance(classes, list)
+        self.classes = np.asarray(classes) if classes is not None and not per_output else None
+        label_datatype = _label_datatype(np.concatenate(classes) if per_output else self.classes)
         self._label_dtype = None if label_datatype == "BYTES" else DTYPES[label_datatype]
-        outputs = [TensorSpec("predict", label_datatype, (-1,))]
+        n_outputs = len(classes) if per_output else int(getattr(final, "n_outputs_", 1))
+        outputs = [TensorSpec("predict", label_datatype, (-1, n_outputs) if n_outputs > 1 else (-1,))]
         if self.classes is not None and hasattr(estimator, "predict_proba"):
             outputs.append(TensorSpec("predict_proba", "FP64", (-1, len(self.classes))))
         sklearn_own = from_sklearn(final) and getattr(final, "n_outputs_", 1) == 1

@@ -84,9 +84,14 @@ class XGBoostModel(TabularModel):
         n_classes = int(learner["learner_model_param"].get("num_class", "0")) or 2
         self.classes = np.asarray(classes) if classes is not None else np.arange(n_classes)
         self.is_classifier = self.objective.startswith(("binary:", "multi:"))
-        outputs = [TensorSpec("predict", "INT64" if self.is_classifier else "FP32", (-1,))]
+        # more than one target: a multi-label classifier or a multi-output regressor, a column each
+        targets = int(learner["learner_model_param"].get("num_target", "1") or 1)
+        self.multi_label = targets > 1 and self.objective == "binary:logistic"
+        per_row = (-1, targets) if targets > 1 else (-1,)
+        outputs = [TensorSpec("predict", "INT64" if self.is_classifier else "FP32", per_row)]
         if self.objective in _PROBA_OBJECTIVES:
-            outputs.append(TensorSpec("predict_proba", "FP32", (-1, len(self.classes))))
+            proba_shape = per_row if self.multi_label else (-1, len(self.classes))
+            outputs.append(TensorSpec("predict_proba", "FP32", proba_shape))
         super().__init__(
             platform="xgboost",
             n_features=booster.num_features(),
@@ -105,6 +110,9 @@ class XGBoostModel(TabularModel):
             raw = self.booster.inplace_predict(matrix, validate_features=False)
         if not self.is_classifier:
             return {"predict": raw}
+        if self.multi_label:  # a probability per label, each label on at 0.5 (as XGBClassifier does)
+            labels = {"predict": (raw > 0.5).astype(np.int64), "predict_proba": raw.astype(np.float32, copy=False)}
+            return {name: labels[name] for name in outputs}
         if self.objective == "binary:logistic":
             proba = np.column_stack([1.0 - raw, raw])
         elif self.objective == "multi:softprob":
