@@ -833,6 +833,29 @@ def test_top_k_zero_samples_from_the_whole_vocabulary(hf_repo: HFRepo, reference
     assert generated == expected[0][:len(generated)] != expected[50][:len(generated)]
 
 
+def test_a_roberta_style_model_takes_no_more_tokens_than_its_offset_positions_allow(tmp_path: Path) -> None:
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    tokenizer = tiny_hf.wordpiece_tokenizer()
+    tokenizer.model_max_length = int(1e30)  # saved without a length limit: the config's decides
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1, num_labels=2)
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).eval().save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    model = asyncio.run(TransformersRuntime().load(spec_for(tmp_path / "roberta", threads=1), Placement("cpu")))
+    try:
+        assert model.limit == 64  # positions 2..65: padding_idx 1 and the one before it are never used
+        longest = InferRequest([InferInput("input_ids", "INT64", np.full((1, 64), 7, dtype=np.int64))])
+        model.validate(longest)
+        assert infer(model, longest)[0]["scores"].shape == (1, 2)  # it runs
+        with pytest.raises(InvalidInput):
+            model.validate(InferRequest([InferInput("input_ids", "INT64", np.full((1, 65), 7, dtype=np.int64))]))
+    finally:
+        asyncio.run(model.unload())
+
+
 @pytest.fixture
 def cuda() -> str:
     torch = pytest.importorskip("torch")

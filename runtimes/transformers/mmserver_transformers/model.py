@@ -214,7 +214,10 @@ class TransformersModel(LoadedModel, TextGenerator):
             tokenizer.truncation_side = "left"  # keep the end of a prompt that is too long
 
         self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
-        limits = [n for n in (max_positions(config), tokenizer.model_max_length) if n and n < _UNLIMITED]
+        positions = max_positions(config)
+        if positions:
+            positions -= _position_offset(model)
+        limits = [n for n in (positions, tokenizer.model_max_length) if n and n < _UNLIMITED]
         self.limit: int | None = min(limits) if limits else None
         self._counter = _TokenCounter(tokenizer)
         self._n_special = self._counter.count([""])[0]
@@ -705,6 +708,16 @@ class TransformersModel(LoadedModel, TextGenerator):
         if self._gpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("model %s: unloaded", self.label)
+
+
+def _position_offset(model: Any) -> int:
+    """Positions a model's embeddings never use: RoBERTa-style models number tokens from
+    ``padding_idx + 1``, so ``max_position_embeddings`` is that many more than they can take."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if type(padding_idx) is int and hasattr(embeddings, "position_embeddings"):
+        return padding_idx + 1
+    return 0
 
 
 def _flag(request: InferRequest, name: str, default: bool = False) -> bool:
