@@ -421,24 +421,15 @@ class ModelManager:
                 self._set_state(entry, ModelState.READY, "", took)
                 self._heap.freeze_survivors()
         except Exception as exc:  # a broken model is reported, never fatal
+            message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             if entry.model is not None and entry.parked is None:  # it loaded, then a later step failed
-                await self._discard(entry)
+                await self._unload_loaded(entry, f"load failed: {message}")
             if entry.model is None:
                 self.ledger.release(entry)
             entry.load_error = exc
-            message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             self._set_state(entry, ModelState.UNAVAILABLE, f"load failed: {message}")
         finally:
             entry.loading = None
-
-    async def _discard(self, entry: ModelEntry) -> None:
-        """Unload the model of a load that failed after the runtime had loaded it."""
-        model, entry.model, entry.batcher = entry.model, None, None
-        assert model is not None
-        try:
-            await model.unload()
-        except Exception:
-            log.exception("model %s raised while unloading after its load failed", entry.key)
 
     async def _load_onto(self, entry: ModelEntry, spec: ModelSpec, runtime: Runtime, placement: Placement) -> None:
         """Make room, reserve the predicted size, load, and keep the measured size."""

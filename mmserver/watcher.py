@@ -19,6 +19,7 @@ from .repository import FileSignature, files_of
 
 log = logging.getLogger(__name__)
 
+
 def folder_signature(root: Path, names: set[str]) -> FileSignature:
     """(path, size, mtime) of every file under the named top-level folders of ``root``."""
     return frozenset().union(*(files_of(root / name) for name in names))

@@ -43,9 +43,9 @@ from ..generation import (
 from ..manager import ModelManager
 from .generate import (
     answer,
-    late_error,
     answer_failure,
     generating_entry,
+    late_error,
     manager_of,
     open_generator,
     read_json,
