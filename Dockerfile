@@ -12,8 +12,9 @@
 # Build arguments:
 #   VARIANT          cpu | cuda
 #   RUNTIMES         runtime distributions under runtimes/ to build and install; every name must be a
-#                    folder with a pyproject.toml.
-#                    >>> TO ADD A RUNTIME: list it here (default below) or at build time, e.g.
+#                    folder with a pyproject.toml. Unset: "sklearn xgboost" in the CPU image and
+#                    "sklearn xgboost transformers vllm" in the CUDA one (see the builder stage).
+#                    >>> TO ADD A RUNTIME: list it at build time, e.g.
 #                    >>>   --build-arg RUNTIMES="sklearn xgboost transformers"
 #                    >>> (transformers also installs torch, the CPU build in the CPU image)
 #   TORCH_VERSION    torch for the CPU image, from TORCH_INDEX_URL (CPU-only wheels, no CUDA libraries);
@@ -34,19 +35,29 @@
 # (apt-get, user creation) are only checked by reading them.
 
 ARG VARIANT=cpu
-ARG RUNTIMES="sklearn xgboost"
+ARG RUNTIMES=""
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 # ----------------------------------------------------------------------------- builder: the wheels
 # mmserver and its runtimes are pure Python: one wheel each, no compiler needed.
+# The runtimes it builds are written to /wheels/RUNTIMES, which the final stage reads.
 FROM ${PYTHON_IMAGE} AS builder
+ARG VARIANT
 ARG RUNTIMES
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mmserver ./mmserver
 COPY runtimes ./runtimes
 RUN set -eu; \
+    if [ -z "$RUNTIMES" ]; then \
+      case "$VARIANT" in \
+        cuda) RUNTIMES="sklearn xgboost transformers vllm" ;; \
+        *) RUNTIMES="sklearn xgboost" ;; \
+      esac; \
+    fi; \
+    mkdir -p /wheels; \
+    echo "$RUNTIMES" > /wheels/RUNTIMES; \
     for runtime in $RUNTIMES; do \
       if [ ! -f "runtimes/$runtime/pyproject.toml" ]; then \
         echo "RUNTIMES names '$runtime' but runtimes/$runtime/pyproject.toml does not exist" >&2; exit 1; \
@@ -79,7 +90,6 @@ RUN useradd --uid 1000 --gid 0 --home-dir /home/mmserver --create-home --shell /
 # ----------------------------------------------------------------------------- final
 FROM base AS final
 ARG VARIANT
-ARG RUNTIMES
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG VLLM_VERSION=0.26.0
@@ -94,7 +104,9 @@ ENV VIRTUAL_ENV=/opt/mmserver/venv \
 RUN python3 -m venv "$VIRTUAL_ENV"
 # Frameworks first, from the index that has the right build, so that the runtimes' own dependency on
 # torch is already satisfied when their wheels are installed.
-RUN set -eu; \
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    set -eu; \
+    RUNTIMES="$(cat /wheels/RUNTIMES)"; \
     case "$VARIANT" in \
       cpu) \
         case " $RUNTIMES " in \
@@ -111,7 +123,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     set -eu; \
     pip install --no-cache-dir /wheels/*.whl; \
     if [ "$VARIANT" = cpu ]; then pip uninstall -y nvidia-nccl-cu12; fi; \
-    python -c 'import sys; from mmserver.runtime import RuntimeRegistry; r = RuntimeRegistry.discover(); missing = set(sys.argv[1:]) - set(r.runtimes); sys.exit(f"runtimes not loadable: {sorted(missing)} {r.broken}" if missing else 0)' $RUNTIMES; \
+    python -c 'import sys; from mmserver.runtime import RuntimeRegistry; r = RuntimeRegistry.discover(); missing = set(open(sys.argv[1]).read().split()) - set(r.runtimes); sys.exit(f"runtimes not loadable: {sorted(missing)} {r.broken}" if missing else 0)' /wheels/RUNTIMES; \
     mmserver --version
 
 USER 1000

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -69,6 +71,8 @@ def serve_command(overrides: dict[str, Any]) -> int:
         raise InvalidInput(f"model repository {settings.model_repository} is not a directory")
     if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
         raise InvalidInput("HTTPS needs both --tls-certfile and --tls-keyfile")
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        _check_tls_files(settings.tls_certfile, settings.tls_keyfile)
     scheme = "https" if settings.tls_certfile else "http"
     logging.getLogger("mmserver").info(
         "serving %s on %s://%s:%d%s", settings.model_repository.resolve(), scheme, settings.host,
@@ -90,6 +94,15 @@ def serve_command(overrides: dict[str, Any]) -> int:
         ssl_keyfile=settings.tls_keyfile,
     )
     return 0
+
+
+def _check_tls_files(certfile: Path, keyfile: Path) -> None:
+    """Load the certificate and key once here, so a missing or wrong file is a message, not
+    uvicorn's traceback."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(f"cannot use the TLS certificate {certfile} with the key {keyfile}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,12 @@ from .runtime import HOST
 
 log = logging.getLogger(__name__)
 
-CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
-CGROUP_USAGE = Path("/sys/fs/cgroup/memory.current")
+#: (limit, usage) files of the container's memory cgroup: v2, then v1 (older nodes); the first
+#: that exists counts. v1 writes "no limit" as a huge number and v2 as "max".
+CGROUP_FILES = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+)
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -61,10 +65,10 @@ class HostMemory(Device):
         info = _meminfo()
         total, available = info["MemTotal"], info["MemAvailable"]
         used = total - available
-        limit = _read_int(CGROUP_LIMIT)
+        limit, usage = _cgroup_memory()
         if limit is not None and limit < total:
             total = limit
-            used = _read_int(CGROUP_USAGE) or used
+            used = usage or used
         return MemoryReading(total, used, _process_rss())
 
 
@@ -159,6 +163,10 @@ def select_visible(nvml_uuids: list[str], visible: str | None) -> list[str]:
             if int(token) >= len(nvml_uuids):
                 break  # CUDA stops at the first invalid entry
             chosen.append(nvml_uuids[int(token)])
+        elif token.startswith("MIG-"):
+            log.warning("CUDA_VISIBLE_DEVICES names the MIG instance %s, which this server cannot match "
+                        "to a GPU without torch; it and the devices after it are not managed", token)
+            break
         else:
             matches = [u for u in nvml_uuids if u.startswith(token if token.startswith("GPU-") else f"GPU-{token}")]
             if len(matches) != 1:
@@ -175,6 +183,14 @@ def _meminfo() -> dict[str, int]:
         if parts:
             values[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
     return values
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """The container's memory limit and usage, from the first cgroup version whose files exist."""
+    for limit_file, usage_file in CGROUP_FILES:
+        if limit_file.exists():
+            return _read_int(limit_file), _read_int(usage_file)
+    return None, None
 
 
 def _read_int(path: Path) -> int | None:

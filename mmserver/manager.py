@@ -73,6 +73,7 @@ class ModelManager:
         self._sync_locks: dict[str, asyncio.Lock] = {}
         self._folder_errors: dict[str, str] = {}  # folders that changed into something unreadable
         self._loads: set[ModelEntry] = set()  # entries whose load runs (new ones are not in _models yet)
+        self._was_ready = False  # readiness is judged until the server is first ready
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -87,6 +88,9 @@ class ModelManager:
         ready = sum(e.state is ModelState.READY for e in self._entries())
         log.info("repository %s: %d model versions ready, %d known", self.repository.root, ready,
                  sum(len(v) for v in self._models.values()))
+        if (why := self.unready_reason()) is not None:
+            log.warning("not ready (/v2/health/ready answers 503) until these load: %s; "
+                        "--no-strict-readiness reports ready with them failed", why)
 
     async def stop(self) -> None:
         """Drain every model's queue, then unload it."""
@@ -94,6 +98,21 @@ class ModelManager:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*(self._unload(e, "server stopping") for e in list(self._entries())))
+
+    def unready_reason(self) -> str | None:
+        """Why the server is not ready, or None when it is: not ready while it starts or stops,
+        and (with ``strict_readiness``) while a model meant to load at startup has failed. Once
+        ready, a model that breaks later shows in its own readiness, not the server's: replicas
+        sharing a repository must not all leave service over one bad folder."""
+        if not self.started.is_set():
+            return "the server is starting or stopping"
+        if self._was_ready or not self.settings.strict_readiness:
+            return None
+        failed = [e for e in self._entries() if e.spec is None or e.load_error is not None]
+        if failed:
+            return "; ".join(f"{e.key}: {e.reason}" for e in failed)
+        self._was_ready = True
+        return None
 
     # ------------------------------------------------------------------ lookups
 

@@ -6,15 +6,17 @@ every key. The command-line flags are generated from the fields below, so the tw
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import InvalidInput
+from .sizes import Size, parse_size
 
 
 class Settings(BaseSettings):
@@ -62,24 +64,30 @@ class Settings(BaseSettings):
     )
     adaptive_fill: bool = Field(
         True,
-        description="With no max_delay, wait briefly (at most 20% of the model's recent batch "
+        description="With no max_delay, wait briefly (at most twice the model's recent batch "
         "time, 5 ms cap) for as many requests as the previous batch held, so closed-loop clients "
         "batch fully; a lone client never waits.",
     )
     max_queue: int = Field(
         1024, ge=1, description="Default bound on queued requests per model; beyond it: 429."
     )
-    max_request_bytes: ByteSize = Field(
-        ByteSize(64 * 1024**2),
+    max_request_bytes: Size = Field(
+        64 * 1024**2,
         description="Largest request body accepted (bytes or sizes like 64MiB); beyond it: 413.",
     )
+    strict_readiness: bool = Field(
+        True,
+        description="/v2/health/ready answers 503 until every model meant to load at startup has "
+        "loaded (one that failed keeps it 503 until it loads or its folder goes); off: ready once "
+        "the startup loading is done, whatever its outcome. Judged until the server is first ready.",
+    )
     load_concurrency: int = Field(
-        2, ge=1, description="How many models load at the same time at startup."
+        2, ge=1, description="How many models load at the same time."
     )
     gpu_memory_budget: int | float | None = Field(
         None,
         description="Memory the models may use on each GPU: bytes, a size like 40GiB, or a "
-        "fraction of the GPU like 0.9; never more than other processes leave (NVML) minus the "
+        "fraction of the GPU like 0.9 or 90%; never more than other processes leave (NVML) minus the "
         "margin. Unset: all of that.",
     )
     host_memory_budget: int | float | None = Field(
@@ -87,8 +95,8 @@ class Settings(BaseSettings):
         description="Memory the models may use in host RAM (CPU models and the host tier of "
         "evicted GPU models): bytes, a size, or a fraction of the host (or container) memory.",
     )
-    memory_margin: ByteSize = Field(
-        ByteSize(256 * 1024**2), description="Headroom kept free on every device (allocator slack)."
+    memory_margin: Size = Field(
+        256 * 1024**2, description="Headroom kept free on every device (allocator slack)."
     )
     idle_unload_s: float | None = Field(
         None, gt=0, description="Evict a model unused for this many seconds (model.yaml may override)."
@@ -127,26 +135,36 @@ class Settings(BaseSettings):
 
     @property
     def bearer_token(self) -> str | None:
-        """The token to require, from --auth-token or --auth-token-file."""
+        """The token to require, from --auth-token or --auth-token-file, without surrounding
+        whitespace (a secret mounted from a file often ends in a newline no header can carry)."""
         if self.auth_token is not None:
-            return self.auth_token.get_secret_value()
-        if self.auth_token_file is not None:
-            token = self.auth_token_file.read_text().strip()
-            if not token:
-                raise InvalidInput(f"auth token file {self.auth_token_file} is empty")
-            return token
-        return None
+            token, origin = self.auth_token.get_secret_value(), "the auth token"
+        elif self.auth_token_file is not None:
+            origin = f"auth token file {self.auth_token_file}"
+            try:
+                token = self.auth_token_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidInput(f"cannot read {origin}: {exc}") from None
+        else:
+            return None
+        token = token.strip()
+        if not token:
+            raise InvalidInput(f"{origin} is empty")
+        return token
 
     @field_validator("gpu_memory_budget", "host_memory_budget", mode="before")
     @classmethod
     def _memory_amount(cls, value: Any) -> int | float | None:
-        """``0.9`` (a fraction: has a point) or a size (``40GiB``, ``1073741824``)."""
+        """``0.9`` or ``90%`` (a fraction: has a point or a percent sign) or a size (``40GiB``,
+        ``1073741824``)."""
         if value is None or isinstance(value, float):
             return _fraction(value) if isinstance(value, float) else None
-        text = str(value).strip()
-        if "." in text and text.replace(".", "", 1).isdigit():
+        text = str(value).strip() if isinstance(value, str) else ""
+        if PERCENT.fullmatch(text):
+            return _fraction(float(text[:-1]) / 100)
+        if FRACTION.fullmatch(text):
             return _fraction(float(text))
-        return int(TypeAdapter(ByteSize).validate_python(text))
+        return parse_size(value)
 
     @classmethod
     def settings_customise_sources(
@@ -163,6 +181,10 @@ class Settings(BaseSettings):
         if not Path(config_file).is_file():
             raise InvalidInput(f"settings file {config_file} does not exist")
         return init_settings, env_settings, YamlFileSource(settings_cls, Path(config_file))
+
+
+FRACTION = re.compile(r"\d*\.\d+|\d+\.")
+PERCENT = re.compile(r"\d+(\.\d+)?\s*%")
 
 
 def _fraction(value: float) -> float:

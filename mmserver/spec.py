@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .codec import DTYPES
+from .sizes import Size
 from .types import TensorSpec
 
 
@@ -62,7 +63,7 @@ class ModelConfig(BaseModel):
         "latest", description="Which versions to serve: latest, all, N newest, or a list."
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    memory: ByteSize | None = Field(None, description="Explicit size; overrides the prediction.")
+    memory: Size | None = Field(None, description="Explicit size; overrides the prediction.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
                         description="auto (a GPU when the runtime can use one), cpu, cuda or cuda:N.")
     load: Literal["startup", "lazy"] = "startup"

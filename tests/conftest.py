@@ -182,38 +182,43 @@ def free_port() -> int:
 def running_server(
     repo: Path, log_path: Path, *extra_args: str, timeout: float = STARTUP_TIMEOUT_S,
     env: dict[str, str] | None = None, scheme: str = "http", verify: Any = True,
+    strict_readiness: bool = False, until: str = "ready",
 ) -> Iterator[RunningServer]:
     """Start ``python -m mmserver serve repo``, wait until it is ready, stop it with SIGTERM.
     ``env`` adds environment variables; ``scheme="https"`` (with ``verify``, an httpx
-    ``verify`` argument such as an ``ssl.SSLContext``) for a server started with TLS flags."""
+    ``verify`` argument such as an ``ssl.SSLContext``) for a server started with TLS flags.
+    The test repositories hold models that fail on purpose, so servers report ready with them
+    failed unless ``strict_readiness``; ``until="live"`` waits only for ``/v2/health/live``."""
     port = free_port()
     url = f"{scheme}://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mmserver", "serve", str(repo),
                "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    if not strict_readiness:
+        command.append("--no-strict-readiness")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = RunningServer(url, process, log_path)
     try:
-        _wait_ready(server, timeout, verify)
+        _wait_ready(server, timeout, verify, until)
         yield server
     finally:
         _stop(server)
 
 
-def _wait_ready(server: RunningServer, timeout: float, verify: Any = True) -> None:
+def _wait_ready(server: RunningServer, timeout: float, verify: Any = True, until: str = "ready") -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.process.poll() is not None:
             pytest.fail(f"the server exited with {server.process.returncode} while starting:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=2.0, verify=verify).status_code == 200:
+            if httpx.get(f"{server.url}/v2/health/{until}", timeout=2.0, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"the server was not ready within {timeout:.0f} s:\n{server.log()}")
+            pytest.fail(f"the server was not {until} within {timeout:.0f} s:\n{server.log()}")
         time.sleep(0.1)
 
 

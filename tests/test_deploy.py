@@ -61,6 +61,7 @@ FAMILIES = {name: name.removesuffix("_bucket") for name in METRICS}
 
 PORT = 8080
 SERVE_ARGS = ["serve", "/mnt/models", "--host", "0.0.0.0", "--port", str(PORT)]
+KSERVE_ARGS = [*SERVE_ARGS, "--model-name", "{{.Name}}"]  # KServe fills in the InferenceService's name
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
 KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
 
@@ -280,7 +281,7 @@ def test_kserve_cluster_serving_runtime():
     assert annotations["prometheus.kserve.io/path"] == "/metrics"
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
     container = runtime_container()
-    assert container["args"] == SERVE_ARGS
+    assert container["args"] == KSERVE_ARGS
     assert [p["containerPort"] for p in container["ports"]] == [PORT]
     assert container["readinessProbe"]["httpGet"] == {"path": READY, "port": PORT}
     assert container["livenessProbe"]["httpGet"] == {"path": LIVE, "port": PORT}
@@ -558,14 +559,20 @@ def test_dockerfile_builds_wheels_in_the_builder_and_installs_them_in_the_final_
     assert [src for sources in copied for src in sources] == ["pyproject.toml", "README.md", "mmserver", "runtimes"]
     (build,) = builder.all("RUN")
     assert "pip wheel" in build.args and "--wheel-dir /wheels" in build.args and "--no-deps" in build.args
-    runtimes = stage_args(dockerfile, builder)["RUNTIMES"].split()
-    assert {"sklearn", "xgboost"} <= set(runtimes)
-    for runtime in runtimes:  # a name without its folder would fail the build
+    assert stage_args(dockerfile, builder)["RUNTIMES"] == ""  # unset: each variant's default
+    defaults = dict(re.findall(r'(\*|cuda)\) RUNTIMES="([^"]+)"', build.args))
+    assert set(defaults["*"].split()) == {"sklearn", "xgboost"}
+    assert set(defaults["cuda"].split()) == {"sklearn", "xgboost", "transformers", "vllm"}  # GPU runtimes
+    for runtime in {*defaults["*"].split(), *defaults["cuda"].split()}:  # a name without its folder fails
         assert (ROOT / "runtimes" / runtime / "pyproject.toml").is_file(), runtime
     final = dockerfile.stage("final")
     install = [i for i in final.all("RUN") if "/wheels/*.whl" in i.args]
     assert len(install) == 1
-    assert install[0].flags["mount"] == "type=bind,from=builder,source=/wheels,target=/wheels"
+    # the final stage reads which runtimes the builder built from /wheels/RUNTIMES
+    for run in final.all("RUN"):
+        if "RUNTIMES" in run.args:
+            assert run.flags["mount"] == "type=bind,from=builder,source=/wheels,target=/wheels"
+            assert "/wheels/RUNTIMES" in run.args
     assert not final.all("COPY"), "the final stage takes nothing but the wheels (through a mount)"
     frameworks = " ".join(i.args for i in final.all("RUN"))
     args = stage_args(dockerfile, final)
@@ -606,7 +613,7 @@ def test_dockerfile_serves_mnt_models_on_8080_and_stops_on_sigterm(dockerfile):
     assert healthcheck is not None and f"127.0.0.1:{PORT}{READY}" in healthcheck.args
     # the manifests run the same command through the same entrypoint
     assert container_of(one(deployment_docs(), "Deployment"))["args"] == command
-    assert runtime_container()["args"] == command
+    assert runtime_container()["args"] == [*command, "--model-name", "{{.Name}}"]
 
 
 def test_dockerignore_sends_only_what_the_build_copies():
@@ -882,7 +889,7 @@ def test_dockerfile_cpu_image_in_a_fresh_venv(dockerfile, tmp_path):
     if os.environ.get("MMSERVER_TEST_RUNTIMES"):
         build_args["RUNTIMES"] = os.environ["MMSERVER_TEST_RUNTIMES"]
     final_args = stage_args(dockerfile, dockerfile.stage("final"), build_args)
-    if "transformers" in final_args["RUNTIMES"].split() and not host_resolves(TORCH_CPU_HOST):
+    if "transformers" in build_args.get("RUNTIMES", "").split() and not host_resolves(TORCH_CPU_HOST):
         stand_in = local_torch_index(tmp_path, final_args["TORCH_VERSION"])
         if stand_in is None:
             pytest.skip(f"{TORCH_CPU_HOST} unreachable and no local torch {final_args['TORCH_VERSION']}+cpu wheel")
@@ -898,7 +905,8 @@ def test_dockerfile_cpu_image_in_a_fresh_venv(dockerfile, tmp_path):
 
     emulator.run_stage("builder")
     wheels = sorted(p.name for p in Path(emulator.map("/wheels")).glob("*.whl"))
-    runtimes = final_args["RUNTIMES"].split()
+    runtimes = Path(emulator.map("/wheels/RUNTIMES")).read_text().split()
+    assert runtimes == (build_args.get("RUNTIMES") or "sklearn xgboost").split()
     assert len(wheels) == 1 + len(runtimes), wheels
     env = emulator.run_stage("final")
     venv = Path(env["VIRTUAL_ENV"])

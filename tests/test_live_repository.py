@@ -187,6 +187,30 @@ def test_folders_dropped_in_or_removed_are_served_or_retired(live_repo, start_se
         assert "removed: its folder is gone" in server.log()
 
 
+def test_strict_readiness_waits_for_every_startup_model_but_not_for_later_folders(live_repo, start_server, tmp_path):
+    # a rolling update must not count a replica whose models failed to load as ready; once ready,
+    # a bad folder dropped into a repository the replicas share must not take them all out
+    publish(live_repo, "bad/1", raw=b"not a pickle")
+    with start_server(live_repo, tmp_path / "server.log", *WATCH, strict_readiness=True, until="live") as server:
+        url = server.url
+
+        def readiness() -> httpx.Response | None:
+            response = httpx.get(f"{url}/v2/health/ready")
+            return response if "starting" not in response.text else None
+
+        response = wait_for(readiness, what="the startup loading to finish")
+        assert response.status_code == 503, response.text
+        assert response.json()["ready"] is False and response.json()["reason"].startswith("bad:1: ")
+        assert "not ready (/v2/health/ready answers 503) until these load: bad:1" in server.log()
+        assert httpx.post(f"{url}/v2/models/m/infer", json=body(np.ones((1, FEATURES)))).status_code == 200
+        shutil.rmtree(live_repo / "bad")
+        wait_for(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 200, what="ready without bad")
+        publish(live_repo, "worse/1", raw=b"junk")
+        wait_for(lambda: index(url).get(("worse", "1"), {}).get("reason"), what="worse to fail")
+        assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+        assert httpx.get(f"{url}/v2/models/worse/ready").status_code == 503
+
+
 def test_a_folder_copied_in_slowly_is_read_only_once_complete(live_repo, start_server, tmp_path):
     with start_server(live_repo, tmp_path / "server.log", "--repository-settle-s", "1.0") as server:
         folder = live_repo / "slowcopy"

@@ -165,7 +165,7 @@ def test_unknown_init_key():
         ("max_batch_size: 0\n", "max_batch_size", "greater than or equal to 1"),
         ("max_delay_ms: -1\n", "max_delay_ms", "greater than or equal to 0"),
         ("max_queue: 0\n", "max_queue", "greater than or equal to 1"),
-        ("max_request_bytes: lots\n", "max_request_bytes", "could not parse"),
+        ("max_request_bytes: lots\n", "max_request_bytes", "'lots' is not a size"),
         ("access_log: maybe\n", "access_log", "valid boolean"),
         ("infer_threads: 1.5\n", "infer_threads", "valid integer"),
     ],
@@ -240,6 +240,45 @@ def test_max_request_bytes_from_environment_and_yaml(tmp_path, monkeypatch):
     assert load_settings(config=path).max_request_bytes == 10 * 1024**2
     monkeypatch.setenv("MMSERVER_MAX_REQUEST_BYTES", "64MiB")
     assert load_settings(config=path).max_request_bytes == 64 * 1024**2
+
+
+
+@pytest.mark.parametrize("value", ["90%", "0,9", "0.9.", "1/2", "1e-1", "8GiB-1", "64 MiB extra", "5 foo", "", True, -1])
+def test_sizes_must_be_one_number_and_one_unit(value):
+    # pydantic's ByteSize alone reads a leading number and unit and drops the rest
+    # ("90%" -> 90 bytes, "1e-1" -> an exabyte); nothing of the kind may pass
+    for field in ("max_request_bytes", "memory_margin"):
+        assert invalid_settings(**{field: value}).startswith(f"invalid settings: {field}: ")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("40GiB", 40 * 1024**3), (" 8 gib ", 8 * 1024**3), (1024, 1024), ("1024", 1024),
+     ("0.9", 0.9), (".5", 0.5), ("1.0", 1.0), (0.25, 0.25), ("90%", 0.9), ("12.5 %", 0.125), ("100%", 1.0)],
+)
+def test_memory_budget_as_size_fraction_or_percent(value, expected):
+    settings = load_settings(host_memory_budget=value, gpu_memory_budget=value)
+    assert settings.host_memory_budget == expected and settings.gpu_memory_budget == expected
+    assert type(settings.host_memory_budget) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [("0%", "(0, 1]"), ("150%", "(0, 1]"), ("2.0", "(0, 1]"), ("0.0", "(0, 1]"), ("5.", "(0, 1]"),
+     ("90 percent", "is not a size"), ("1e-1", "is not a size"), ("0.9GiB-", "is not a size"), (True, "is not a size")],
+)
+def test_bad_memory_budgets_are_refused(value, reason):
+    message = invalid_settings(host_memory_budget=value)
+    assert message.startswith("invalid settings: host_memory_budget: ")
+    assert reason in message
+
+
+def test_model_yaml_memory_is_parsed_as_strictly(tmp_path):
+    from mmserver.spec import ModelConfig
+
+    assert ModelConfig(memory="1.5GiB").memory == int(1.5 * 1024**3)
+    with pytest.raises(ValueError, match="is not a size"):
+        ModelConfig(memory="2GB of weights")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -337,6 +376,37 @@ def test_main_with_missing_config_file(capsys, tmp_path):
     missing = tmp_path / "absent.yaml"
     assert main(["serve", str(tmp_path), "--config", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == f"mmserver: settings file {missing} does not exist"
+
+
+@pytest.mark.parametrize("token", ["s3cret\n", "  s3cret  "])
+def test_the_auth_token_is_stripped_like_the_file(monkeypatch, token):
+    # a Kubernetes secret made with --from-file ends in a newline no header can carry
+    monkeypatch.setenv("MMSERVER_AUTH_TOKEN", token)
+    assert load_settings().bearer_token == "s3cret"
+
+
+@pytest.mark.parametrize("token", ["", " \n"])
+def test_an_empty_auth_token_is_refused(capsys, tmp_path, monkeypatch, token):
+    monkeypatch.setenv("MMSERVER_AUTH_TOKEN", token)
+    assert main(["serve", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "mmserver: the auth token is empty"
+
+
+def test_an_unreadable_auth_token_file_is_a_message_not_a_traceback(capsys, tmp_path):
+    missing = tmp_path / "token"
+    assert main(["serve", str(tmp_path), "--auth-token-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmserver: cannot read auth token file {missing}: ")
+    assert "No such file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("certfile, keyfile", [("absent", "garbage"), ("garbage", "absent"), ("garbage", "garbage")])
+def test_missing_or_bad_tls_files_are_a_message_not_a_traceback(capsys, tmp_path, certfile, keyfile):
+    (tmp_path / "garbage").write_text("not a certificate")
+    assert main(["serve", str(tmp_path), "--tls-certfile", str(tmp_path / certfile),
+                 "--tls-keyfile", str(tmp_path / keyfile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmserver: cannot use the TLS certificate "), err
 
 
 def test_main_without_command_prints_help(capsys):

@@ -34,8 +34,10 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    is_ready = _manager(request).started.is_set()
-    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+    reason = _manager(request).unready_reason()
+    if reason is None:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "reason": reason}, 503)
 
 
 async def server_metadata(request: Request) -> Response:

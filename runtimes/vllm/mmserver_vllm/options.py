@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ByteSize, TypeAdapter, ValidationError
-
 from mmserver.checkpoint import CONFIG_FILE, checkpoint_bytes, kv_bytes_per_token, max_positions, read_config
 from mmserver.errors import ModelLoadError
 from mmserver.runtime import HOST
+from mmserver.sizes import parse_size
 
 log = logging.getLogger("mmserver_vllm")
 
@@ -119,8 +118,8 @@ def is_servable(folder: Path) -> bool:
 
 def _size(name: str, value: Any) -> int:
     try:
-        size = int(TypeAdapter(ByteSize).validate_python(value))
-    except ValidationError:
+        size = parse_size(value)
+    except ValueError:
         size = -1
     if size <= 0:
         raise ModelLoadError(f"parameters.{name} is {value!r}; expected a size like 256MiB or a byte count")
