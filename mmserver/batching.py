@@ -107,8 +107,9 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Requests waiting in the queue."""
-        return len(self._queue)
+        """Requests waiting in the queue; for a model that batches internally (no queue here: its
+        engine queues them), the requests and streams in flight."""
+        return self._running if self._direct is not None else len(self._queue)
 
     @property
     def busy(self) -> bool:

@@ -87,7 +87,7 @@ def serve_command(overrides: dict[str, Any]) -> int:
         access_log=settings.access_log,
         log_config=None,
         log_level=settings.log_level,
-        limit_concurrency=settings.max_connections,
+        limit_concurrency=settings.max_connections + 1,  # uvicorn counts the connection asking
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=30,
         ssl_certfile=settings.tls_certfile,

@@ -10,7 +10,7 @@ from .batching import Batcher
 from .metrics import ModelMetrics, NoMetrics
 from .runtime import LoadedModel
 from .spec import ModelSpec
-from .types import ModelState
+from .types import ModelState, RequestedOutput
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +36,8 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     waiting: int = 0  # requests waiting for the model to finish loading
     load_error: Exception | None = None  # why the last load failed
+    # what a request that names no outputs gets: the outputs model.yaml declares (else every one)
+    default_outputs: list[RequestedOutput] = field(default_factory=list)
     metrics: ModelMetrics = field(default_factory=NoMetrics)
 
     @property

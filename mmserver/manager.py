@@ -12,10 +12,10 @@ any other is unloaded and reloaded from disk on its next request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
@@ -38,7 +38,7 @@ from .residency import Residency
 from .runtime import HOST, LoadedModel, Placement, Runtime, RuntimeRegistry, run_sync
 from .settings import Settings
 from .spec import ModelSpec
-from .types import InferRequest, InferResponse, ModelMetadata, ModelState
+from .types import InferRequest, InferResponse, ModelMetadata, ModelState, RequestedOutput
 
 log = logging.getLogger(__name__)
 IDLE_SWEEP_MIN_S = 0.5
@@ -74,6 +74,9 @@ class ModelManager:
         self._folder_errors: dict[str, str] = {}  # folders that changed into something unreadable
         self._loads: set[ModelEntry] = set()  # entries whose load runs (new ones are not in _models yet)
         self._was_ready = False  # readiness is judged until the server is first ready
+        # entries holding a loaded model, in _models or not (a load whose scan was cancelled)
+        self._holding: set[ModelEntry] = set()
+        self._loaded = asyncio.Event()  # a model became ready (wakes the idle sweeper)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,11 +96,18 @@ class ModelManager:
                         "--no-strict-readiness reports ready with them failed", why)
 
     async def stop(self) -> None:
-        """Drain every model's queue, then unload it."""
+        """Cancel the loads still running (a runtime cleans up what a cancelled load started),
+        drain every model's queue, then unload it, also models whose startup scan was cancelled
+        before they were registered."""
         self.started.clear()
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*(self._unload(e, "server stopping") for e in list(self._entries())))
+        loads = [e.loading for e in self._loads if e.loading is not None]
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+        entries = {*self._entries(), *self._holding}
+        await asyncio.gather(*(self._unload(e, "server stopping") for e in entries))
 
     def unready_reason(self) -> str | None:
         """Why the server is not ready, or None when it is: not ready while it starts or stops,
@@ -175,7 +185,7 @@ class ModelManager:
                 entry.name,
                 entry.version,
                 entry.state.value,
-                entry.batcher.pending if entry.batcher else 0,
+                entry.waiting + (entry.batcher.pending if entry.batcher else 0),
                 self.ledger.held(entry),
             )
             for entry in self._entries()
@@ -205,6 +215,8 @@ class ModelManager:
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
             batcher = await self._wait_until_ready_before(entry, deadline)
+        if not request.outputs and entry.default_outputs:
+            request.outputs = list(entry.default_outputs)
         entry.model.validate(request)  # type: ignore[union-attr]
         entry.last_used = time.monotonic()
         try:
@@ -216,7 +228,7 @@ class ModelManager:
         response.id = request.id
         return response
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def generating(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
         """The loaded model, for a request that calls it directly (a streamed text generation):
         loads a lazy or evicted one like ``infer`` does, and holds it in its batcher's in-flight
@@ -299,13 +311,15 @@ class ModelManager:
             self._models[name] = wanted
             # the newest version that serves; with none, the one the policy names (its requests
             # then get the reason it does not serve)
-            newest = select_versions(serving, "latest") or found.served
+            newest = select_versions([v for v in serving if v in served], "latest") or found.served
             self._default_version[name] = newest[0] if newest else ""
             retired = [e for e in current.values() if e not in wanted.values() or not e.served]
             for entry in retired:  # a request still holding one gets 503, never loads an orphan
                 entry.served = False
             await asyncio.gather(*(self._unload(e, "replaced by a newer version or files")
                                    for e in retired if e.model is not None))
+            for version in current.keys() - wanted.keys():  # its folder is gone
+                self.metrics.forget(name, version)
             if fresh or retired:
                 log.info("model %s: versions %s, serving %s (default %s)", name, ", ".join(wanted),
                          ", ".join(sorted(served, key=_version_order)) or "none", self._default_version[name])
@@ -362,6 +376,8 @@ class ModelManager:
         self._models.pop(name, None)
         self._default_version.pop(name, None)
         self._folder_errors.pop(name, None)
+        for version in entries:
+            self.metrics.forget(name, version)
         log.info("model %s removed: its folder is gone", name)
 
     def _served_versions(self, name: str) -> list[str]:
@@ -430,6 +446,7 @@ class ModelManager:
                     await self._restore(entry, placement)
                 else:
                     await self._load_onto(entry, spec, runtime, placement)
+                entry.default_outputs = _declared_outputs(spec, entry.model)
                 entry.evicted = False
                 entry.load_error = None
                 entry.batcher = Batcher(entry.model, self._batch_policy(spec), entry.key, entry.metrics)
@@ -438,7 +455,13 @@ class ModelManager:
                 took = time.monotonic() - started
                 entry.metrics.loaded(took)
                 self._set_state(entry, ModelState.READY, "", took)
+                self._loaded.set()
                 self._heap.freeze_survivors()
+        except asyncio.CancelledError:  # the server stops; what loaded is unloaded by stop()
+            if entry.model is None:
+                self.ledger.release(entry)
+            self._set_state(entry, ModelState.UNAVAILABLE, "load cancelled: the server is stopping")
+            raise
         except Exception as exc:  # a broken model is reported, never fatal
             message = exc.message if isinstance(exc, MMServerError) else f"{type(exc).__name__}: {exc}"
             if entry.model is not None and entry.parked is None:  # it loaded, then a later step failed
@@ -462,9 +485,11 @@ class ModelManager:
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
                 before = self.residency.used(placement.device)
                 entry.model = await self._timed_load(runtime, spec, placement)
+                self._holding.add(entry)
                 self._commit_arrival(entry, entry.model, placement, before)
                 return
         entry.model = await self._timed_load(runtime, spec, placement)
+        self._holding.add(entry)
         self.ledger.commit(entry, self.residency.measured(spec, entry.model, placement, None))
 
     async def _timed_load(self, runtime: Runtime, spec: ModelSpec, placement: Placement) -> LoadedModel:
@@ -605,6 +630,7 @@ class ModelManager:
         except Exception:
             log.exception("model %s raised while unloading", entry.key)
         entry.model = None
+        self._holding.discard(entry)
         entry.parked = None
         self.ledger.release(entry)
         self._heap.unloaded()
@@ -634,11 +660,15 @@ class ModelManager:
                 entry.reason = f"failed: {reason}; restarts on its next request"
 
     async def _sweep_idle(self) -> None:
-        """Evict models that have been idle longer than their ``idle_unload_s``."""
+        """Evict models that have been idle longer than their ``idle_unload_s``, checking a
+        quarter of the shortest timeout apart; a model that loads wakes the sweeper, so that its
+        own timeout counts from then on."""
         while True:
             timeouts = [t for e in self._entries() if (t := self._idle_timeout(e)) is not None]
             interval = min(timeouts, default=IDLE_SWEEP_MAX_S) / 4
-            await asyncio.sleep(min(max(interval, IDLE_SWEEP_MIN_S), IDLE_SWEEP_MAX_S))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), min(max(interval, IDLE_SWEEP_MIN_S), IDLE_SWEEP_MAX_S))
+            self._loaded.clear()
             for entry in list(self._entries()):
                 timeout = self._idle_timeout(entry)
                 if timeout is None or not self._idle_past(entry, timeout):
@@ -708,7 +738,7 @@ def _check_may_load(entry: ModelEntry) -> None:
         raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def _leaving(entry: ModelEntry) -> AsyncIterator[None]:
     """Mark ``entry`` as being unloaded or evicted for as long as the context lasts, once no
     load of it runs and no other unload or eviction of it does (those are waited for): requests
@@ -734,6 +764,19 @@ def _not_ready(entry: ModelEntry) -> MMServerError:
 
 def _version_order(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
+
+
+def _declared_outputs(spec: ModelSpec, model: LoadedModel | None) -> list[RequestedOutput]:
+    """The outputs ``model.yaml`` declares, checked against those the model computes."""
+    if spec.config.outputs is None or model is None:
+        return []
+    declared = [t.name for t in spec.config.outputs]
+    computed = [t.name for t in model.metadata().outputs]
+    unknown = [name for name in declared if name not in computed]
+    if computed and unknown:
+        raise ModelLoadError(f"model.yaml declares the outputs {unknown}, which the model does not compute "
+                             f"(it computes {computed})")
+    return [RequestedOutput(name) for name in declared]
 
 
 def _with_config_overrides(meta: ModelMetadata, spec: ModelSpec | None) -> ModelMetadata:

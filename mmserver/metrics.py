@@ -175,6 +175,11 @@ class Metrics:
             self.models[key] = ModelMetrics(name, version)
         return self.models[key]
 
+    def forget(self, name: str, version: str) -> None:
+        """Stop exporting a version whose folder is gone, so that series do not pile up as a
+        repository publishes versions (a version that comes back starts from zero: a counter reset)."""
+        self.models.pop((name, version), None)
+
     def set_snapshot(self, snapshot: Callable[[], ServerSnapshot]) -> None:
         """Where the scrape-time gauges read the server's state."""
         self._snapshot = snapshot
@@ -232,7 +237,9 @@ class _ModelCollector(Collector):
 
 def _gauges(snap: ServerSnapshot) -> Iterator[Metric]:
     pending = GaugeMetricFamily(
-        "mmserver_queue_pending_requests", "Requests waiting in the model's queue.", labels=MODEL_LABELS)
+        "mmserver_queue_pending_requests",
+        "Requests waiting in the model's queue or for its load (in flight, for engines that batch themselves).",
+        labels=MODEL_LABELS)
     state = GaugeMetricFamily(
         "mmserver_model_state", "1 for the model's current state, 0 for the others.",
         labels=[*MODEL_LABELS, "state"])

@@ -129,6 +129,7 @@ class Repository:
                 if runtime is None:
                     raise InvalidInput(self._undetected(path))
                 artifact = path / config.uri if config.uri else path
+                self._check_links_inside(artifact, folder)
                 model.versions[version] = ModelSpec(name, version, path, runtime, config, source,
                                                     files_of(artifact, hidden=False))
             model.served = select_versions(list(model.versions), config.versions)
@@ -162,6 +163,19 @@ class Repository:
         if numbered:
             return dict(sorted(numbered.items(), key=lambda item: int(item[0])))
         return {fixed_version or "1": folder}
+
+    def _check_links_inside(self, artifact: Path, folder: Path) -> None:
+        """Refuse a model whose files or folders link out of the repository: a runtime would
+        read (for a pickle: run) what the link points at."""
+        links = [artifact] if artifact.is_symlink() else []
+        if artifact.is_dir():
+            for parent, dirs, files in os.walk(artifact):  # (links to folders are listed, not entered)
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                links.extend(Path(parent, n) for n in [*dirs, *files] if not n.startswith("."))
+        for link in links:
+            if link.is_symlink() and not link.resolve().is_relative_to(self.root):
+                relative = link.relative_to(folder) if link.is_relative_to(folder) else link.name
+                raise InvalidInput(f"{folder.name}/{relative} points outside the model repository")
 
     def _undetected(self, path: Path) -> str:
         files = sorted(p.name for p in path.iterdir())[:10]

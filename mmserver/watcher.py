@@ -54,11 +54,13 @@ class RepositoryWatcher:
                 log.exception("rescanning the repository failed")
 
     def _top_level(self, path: Path) -> str | None:
-        try:
-            relative = path.resolve().relative_to(self.root) if path.exists() else path.relative_to(self.root)
-        except ValueError:
-            return None
-        return relative.parts[0] if relative.parts else None
+        """The model folder a changed path is in; a folder that links out of the repository
+        counts too (the rescan then says why it is refused)."""
+        for candidate in (path, path.resolve()):
+            if candidate.is_relative_to(self.root):
+                relative = candidate.relative_to(self.root)
+                return relative.parts[0] if relative.parts else None
+        return None
 
     async def _settle(self, names: set[str]) -> None:
         """Wait until the touched folders stop changing."""

@@ -197,9 +197,11 @@ async def test_internal_batching_bypasses_the_queue_with_a_concurrency_cap():
     await asyncio.sleep(0)
     with pytest.raises(Overloaded):
         await batcher.submit(request("over", [1.0]))
+    assert batcher.pending == 2  # the engine queues them itself: in flight is what is pending
     model.gate.set()
     assert [values(r) for r in await asyncio.gather(*running)] == [[0.0], [10.0]]
     assert model.calls == [["r0"], ["r1"]]
+    assert batcher.pending == 0
 
 
 async def _cancelled_when(batcher: Batcher, model: RowEcho, **submit) -> BaseException:

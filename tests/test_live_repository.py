@@ -180,11 +180,28 @@ def test_folders_dropped_in_or_removed_are_served_or_retired(live_repo, start_se
         publish(live_repo, "fresh", trained(4))
         wait_for(lambda: index(url).get(("fresh", "1"), {}).get("state") == "READY", what="fresh to load")
         assert httpx.post(f"{url}/v2/models/fresh/infer", json=body(np.ones((1, FEATURES)))).status_code == 200
+        assert 'model_name="other"' in httpx.get(f"{url}/metrics").text
         shutil.rmtree(live_repo / "other")
         wait_for(lambda: ("other", "1") not in index(url), what="other to go")
         response = httpx.post(f"{url}/v2/models/other/infer", json=body(np.ones((1, FEATURES))))
         assert response.status_code == 404
         assert "removed: its folder is gone" in server.log()
+        # its series go with it, and so do those of a version whose folder goes
+        publish(live_repo, "m/2", trained(5))
+        wait_for(lambda: index(url).get(("m", "2"), {}).get("state") == "READY", what="m:2 to load")
+        shutil.rmtree(live_repo / "m" / "1")
+        wait_for(lambda: ("m", "1") not in index(url), what="m:1 to go")
+        exposition = httpx.get(f"{url}/metrics").text
+        assert 'model_name="other"' not in exposition
+        assert 'model_name="m",model_version="1"' not in exposition
+        assert 'model_name="m",model_version="2"' in exposition
+        # a folder dropped in as a link out of the repository is refused, and the log says so
+        outside = tmp_path / "outside" / "evil"
+        publish(outside.parent, "evil", trained(6))
+        os.symlink(outside, live_repo / "evil", target_is_directory=True)
+        wait_for(lambda: "model folder evil/ points outside the model repository: ignored" in server.log(),
+                 what="the link to be refused")
+        assert ("evil", "1") not in index(url)
 
 
 def test_strict_readiness_waits_for_every_startup_model_but_not_for_later_folders(live_repo, start_server, tmp_path):
@@ -209,6 +226,33 @@ def test_strict_readiness_waits_for_every_startup_model_but_not_for_later_folder
         wait_for(lambda: index(url).get(("worse", "1"), {}).get("reason"), what="worse to fail")
         assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
         assert httpx.get(f"{url}/v2/models/worse/ready").status_code == 503
+
+
+def test_a_version_list_without_the_newest_folder_serves_the_newest_it_names(tmp_path, start_server):
+    repo = tmp_path / "repo"
+    for version in ("1", "2", "3"):
+        publish(repo, f"m/{version}", trained(int(version)))
+    (repo / "m" / "model.yaml").write_text("versions: [1, 2]\n")
+    with start_server(repo, tmp_path / "server.log") as server:
+        response = httpx.post(f"{server.url}/v2/models/m/infer", json=body(np.ones((1, FEATURES))))
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == "2"
+        assert httpx.get(f"{server.url}/v2/models/m/ready").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/m/versions/3/ready").status_code == 503
+
+
+def test_the_outputs_model_yaml_declares_are_what_a_request_naming_none_gets(tmp_path, start_server):
+    repo = tmp_path / "repo"
+    publish(repo, "m", trained(1), yaml_text="outputs: [{name: predict, datatype: INT64, shape: [-1]}]\n")
+    publish(repo, "typo", trained(2), yaml_text="outputs: [{name: predicted, datatype: INT64, shape: [-1]}]\n")
+    with start_server(repo, tmp_path / "server.log") as server:
+        one_row = body(np.ones((1, FEATURES)))
+        response = httpx.post(f"{server.url}/v2/models/m/infer", json=one_row)
+        assert [o["name"] for o in response.json()["outputs"]] == ["predict"]
+        asked = httpx.post(f"{server.url}/v2/models/m/infer", json={**one_row, "outputs": [{"name": "predict_proba"}]})
+        assert [o["name"] for o in asked.json()["outputs"]] == ["predict_proba"]  # still there when asked for
+        reason = index(server.url)[("typo", "1")]["reason"]
+        assert "declares the outputs ['predicted'], which the model does not compute" in reason
 
 
 def test_a_folder_copied_in_slowly_is_read_only_once_complete(live_repo, start_server, tmp_path):

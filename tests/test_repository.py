@@ -594,9 +594,33 @@ def test_symlinked_version_folder_outside_the_repository(artifacts, repo, repo_r
     assert model.versions == {}
 
 
+@pytest.mark.parametrize("where", ["iris/model.joblib", "iris/1/model.joblib", "iris/1/weights/model.joblib"])
+def test_a_model_file_linked_out_of_the_repository_is_refused_before_it_is_read(artifacts, repo, repo_root, tmp_path, where):
+    # a pickle is code: the link's target would run when the runtime loads it
+    outside = tmp_path / "outside" / "model.joblib"
+    put(artifacts, "logistic", outside.parent, outside.name)
+    link = repo_root / where
+    link.parent.mkdir(parents=True)
+    os.symlink(outside, link)
+    if "weights" in where:  # a file in a sub-folder of the version
+        write(repo_root / "iris" / "model.yaml", "runtime: sklearn\n")
+    model = repo.scan()["iris"]
+    assert model.error == f"iris/{where.removeprefix('iris/')} points outside the model repository"
+    assert model.versions == {}
+
+
+def test_a_folder_inside_a_version_linked_out_of_the_repository_is_refused(artifacts, repo, repo_root, tmp_path):
+    outside = tmp_path / "outside" / "tokenizer"
+    outside.mkdir(parents=True)
+    put(artifacts, "logistic", repo_root / "iris" / "1", "model.joblib")
+    os.symlink(outside, repo_root / "iris" / "1" / "tokenizer", target_is_directory=True)
+    assert repo.scan()["iris"].error == "iris/1/tokenizer points outside the model repository"
+
+
 def test_symlink_inside_the_repository_is_allowed(artifacts, repo, repo_root):
     put(artifacts, "logistic", repo_root / "iris", "model.joblib")
     os.symlink(repo_root / "iris", repo_root / "alias", target_is_directory=True)
+    os.symlink(repo_root / "iris" / "model.joblib", repo_root / "iris" / "same.joblib")
     models = repo.scan()
     assert sorted(models) == ["alias", "iris"]
     assert only_version(models["alias"]).runtime == "sklearn"

@@ -569,6 +569,20 @@ async def test_idle_models_are_evicted_after_their_timeout(tmp_path):
         assert states(manager)["short"] == "READY"
 
 
+async def test_a_model_loaded_later_is_evicted_after_its_own_timeout_not_the_sweeps_last_interval(tmp_path):
+    # the sweeper slept a quarter of the only timeout there was (40 s, capped at 30 s) when a
+    # folder with a short one was dropped in
+    write_model(tmp_path, "slow", 100, "idle_unload_s: 160\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        await asyncio.sleep(0.1)
+        write_model(tmp_path, "late", 100, "idle_unload_s: 0.2\nload: lazy\n")
+        await manager.rescan()
+        await manager.infer(manager.entry("late"), request())
+        await asyncio.sleep(1.5)
+        assert states(manager) == {"slow": "READY", "late": "UNAVAILABLE"}
+
+
 async def test_the_ledger_keeps_the_growth_the_device_measured(tmp_path):
     class Growing(GpuRuntime):
         async def load(self, spec, placement):

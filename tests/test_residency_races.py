@@ -73,6 +73,23 @@ def manager_for(repo, runtime_class: type[GpuRuntime] = GpuRuntime, host_runtime
     return manager, gpu, runtime
 
 
+# ----------------------------------------------------------------------------- stopping
+
+
+async def test_stop_cancels_a_first_load_still_running_and_leaves_nothing_loaded(tmp_path):
+    # SIGTERM during startup: the lifespan cancels the startup scan, but the loads it started run
+    # on (shielded) and their entries are not in the manager's models yet
+    write_model(tmp_path, "a", 100)
+    write_model(tmp_path, "b", 100)
+    manager, gpu, runtime = manager_for(tmp_path, GatedRuntime)
+    starting = asyncio.create_task(manager.start())
+    await wait_for(lambda: any(e.name == "b" for e in manager._loads) and gpu.ours == 100 * MiB, "a loaded, b loading")
+    starting.cancel()
+    await asyncio.wait_for(manager.stop(), 5)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("load ")], "a load outlived stop"
+    assert gpu.ours == 0 and manager.ledger.used("cuda:0") == 0
+
+
 # ----------------------------------------------------------------------------- rollovers
 
 
@@ -335,3 +352,16 @@ async def test_a_requests_deadline_bounds_its_wait_for_a_lazy_load(tmp_path):
         runtime.gate.set()  # the load went on: the next request finds the model ready
         await manager.infer(b, request(), deadline=time.monotonic() + 5)
         assert b.state is ModelState.READY
+
+
+async def test_requests_waiting_for_a_load_count_as_pending(tmp_path):
+    # the autoscaling gauge: requests held up by a lazy load are demand too
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    manager, _, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        waiting = [asyncio.create_task(manager.infer(manager.entry("b"), request())) for _ in range(3)]
+        await wait_for(lambda: manager.entry("b").waiting == 3, "three requests waiting")
+        assert {m.name: m.pending for m in manager.snapshot().models} == {"b": 3}
+        runtime.gate.set()
+        await asyncio.gather(*waiting)
+        assert {m.name: m.pending for m in manager.snapshot().models} == {"b": 0}

@@ -27,6 +27,7 @@ pytest.importorskip("mmserver_transformers")
 
 import tiny_hf  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest mode)
 from mmserver.errors import InvalidInput, ModelLoadError  # noqa: E402
+from mmserver.generation import InvalidParameter, SamplingParams  # noqa: E402
 from mmserver.runtime import Placement, RuntimeRegistry  # noqa: E402
 from mmserver.spec import ModelConfig, ModelSpec  # noqa: E402
 from mmserver.types import InferInput, InferRequest, RequestedOutput  # noqa: E402
@@ -40,10 +41,10 @@ from mmserver.checkpoint import (  # noqa: E402
 )
 from mmserver_transformers.estimate import ALLOWANCE_FIXED, activation_allowance, estimate_memory  # noqa: E402
 from mmserver_transformers.options import (  # noqa: E402
-    GenerationParams,
     Options,
     dtype_for,
     task_of,
+    v2_sampling,
 )
 
 #: the estimate of the weights may miss buffers a checkpoint does not store (BERT's position_ids
@@ -304,20 +305,31 @@ def test_options_validation() -> None:
             Options.parse(bad, config)
 
 
-def test_generation_parameters() -> None:
-    parse = lambda **p: GenerationParams.parse(p, 16, False, 256)  # noqa: E731
-    assert parse() == GenerationParams(16, False)
-    # greedy ignores sampling settings, so they do not split batches
-    assert parse(temperature=0.5, top_p=0.9, seed=3) == GenerationParams(16, False)
-    assert parse(do_sample=True, temperature=0.5, top_p=0.9, seed=3, max_new_tokens=4) == \
-        GenerationParams(4, True, 0.5, 0.9, 3)
+def test_v2_generation_parameters() -> None:
+    parse = lambda **p: v2_sampling(p, {"max_tokens": 16, "temperature": 0.0}, 256)  # noqa: E731
+    assert parse() == SamplingParams(16, 0.0)
+    # greedy leaves the sampling-only settings out, so they do not split batches
+    assert parse(do_sample=False, temperature=0.5, top_p=0.9, top_k=5, seed=3) == SamplingParams(16, 0.0)
+    assert parse(top_k=5, seed=3, timeout=10**6, binary_data_output=True, truncation=True) == SamplingParams(16, 0.0)
+    # what tritonclient sends for features this server lacks is no sampling parameter: not refused
+    assert parse(priority=1, sequence_id=7, sequence_start=True, sequence_end=False) == SamplingParams(16, 0.0)
+    assert parse(do_sample=True, top_p=0.9, seed=3, max_new_tokens=4) == SamplingParams(4, 1.0, 0.9, seed=3)
+    assert parse(max_tokens=5, temperature=0.7, top_k=4, stop="x", ignore_eos=True, min_tokens=2,
+                 repetition_penalty=1.2) == SamplingParams(5, 0.7, top_k=4, stop=("x",), ignore_eos=True,
+                                                           min_tokens=2, repetition_penalty=1.2)
     for params, name in (({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": "8"}, "max_new_tokens"),
                          ({"max_new_tokens": True}, "max_new_tokens"), ({"max_new_tokens": 256}, "max_new_tokens"),
-                         ({"temperature": 0}, "temperature"), ({"temperature": "hot"}, "temperature"),
-                         ({"top_p": 1.5}, "top_p"), ({"top_p": 0}, "top_p"),
-                         ({"do_sample": "yes"}, "do_sample"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")):
-        with pytest.raises(InvalidInput, match=f"parameter '{name}'"):
+                         ({"max_tokens": 256}, "max_tokens"), ({"max_tokens": 4, "max_new_tokens": 4}, "max_new_tokens"),
+                         ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
+                         ({"top_p": 1.5}, "top_p"), ({"top_p": 0}, "top_p"), ({"top_k": 1.5}, "top_k"),
+                         ({"do_sample": "yes"}, "do_sample"), ({"do_sample": True, "temperature": 0}, "do_sample"),
+                         ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"stop": 3}, "stop"), ({"stop": ""}, "stop"),
+                         ({"ignore_eos": "yes"}, "ignore_eos"), ({"min_tokens": -1}, "min_tokens"), ({"n": 2}, "n"),
+                         ({"presence_penalty": 0.5}, "presence_penalty"), ({"max_length": 8}, "max_length"),
+                         ({"normalize": True}, "normalize")):
+        with pytest.raises(InvalidParameter, match=f"'{name}'") as info:
             parse(**params)
+        assert info.value.param == name
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -459,6 +471,8 @@ def test_generator_and_embedder_refuse(loaded: dict[str, Any]) -> None:
         generator.validate(text_request("seven " * 300, max_new_tokens=8))
     with pytest.raises(InvalidInput, match="unknown output 'scores'"):
         generator.validate(text_request("hi", outputs=("scores",)))
+    with pytest.raises(InvalidParameter, match="unknown parameter 'normalize'"):
+        generator.validate(text_request("hi", normalize=True))
     with pytest.raises(InvalidInput, match="parameter 'normalize'"):
         embedder.validate(text_request("hi", normalize=1))
     generator.validate(text_request("seven " * 300, max_new_tokens=8, truncation=True))
@@ -481,6 +495,8 @@ def test_batch_key_separates_outputs_parameters_and_lengths(loaded: dict[str, An
     assert gkey(text_request("hi", max_new_tokens=4)) != gkey(text_request("hi", max_new_tokens=5))
     assert gkey(text_request("hi", do_sample=True, temperature=0.7)) != gkey(text_request("hi", do_sample=True))
     assert gkey(text_request("hi", do_sample=True)) == gkey(text_request("yo", do_sample=True))
+    assert gkey(text_request("hi", top_k=3)) == gkey(text_request("hi"))  # greedy: top_k means nothing
+    assert gkey(text_request("hi", stop="x")) != gkey(text_request("hi"))
     # seeded sampling runs alone, so the seed alone decides its draws
     assert gkey(text_request("hi", do_sample=True, seed=1)) != gkey(text_request("hi", do_sample=True, seed=1))
     assert classifier.rows(text_request("a", "b", "c")) == 3
@@ -668,6 +684,36 @@ def test_http_seeded_sampling_is_reproducible(hf_server: Any) -> None:
     assert len({tuple(sample(seed)) for seed in (1, 2, 3)}) > 1
 
 
+def _v2_ids(server: Any, text: str, **parameters: Any) -> list[int]:
+    return outputs_of(post(server, "generator", [text_input(text)], parameters=parameters))["output_ids"]["data"]
+
+
+def test_http_v2_infer_takes_max_tokens_and_top_k(hf_server: Any, reference: Reference) -> None:
+    assert _v2_ids(hf_server, TEXTS[0], max_tokens=3) == reference.generate(TEXTS[0], 3)
+    # top_k 1 leaves only the most likely token to draw: hot sampling is greedy again
+    greedy = reference.generate(TEXTS[0], 12)
+    assert _v2_ids(hf_server, TEXTS[0], max_tokens=12, temperature=2.0, top_k=1, seed=5) == greedy
+    assert _v2_ids(hf_server, TEXTS[0], max_tokens=12, temperature=2.0, seed=5) != greedy
+
+
+def test_http_v2_stop_ends_as_generate_does(hf_server: Any, reference: Reference) -> None:
+    greedy = reference.generate(TEXTS[0], 12)
+    full = reference.generator_tok.decode(greedy, skip_special_tokens=True)
+    cut = len(full) // 2
+    stop = full[cut:cut + 2]
+    cut = full.index(stop)
+    assert cut > 0 and stop.strip() and "\ufffd" not in stop
+    parameters = {"max_tokens": 12, "temperature": 0, "stop": [stop]}
+    out = outputs_of(post(hf_server, "generator", [text_input(TEXTS[0])], parameters=parameters))
+    generated = httpx.post(f"{hf_server.url}/v2/models/generator/generate", timeout=60,
+                           json={"text_input": TEXTS[0], "parameters": parameters})
+    assert generated.status_code == 200, generated.text
+    assert out["text_output"]["data"] == [full[:cut]] == [generated.json()["text_output"]]
+    ids = out["output_ids"]["data"]  # up to the token that completes the stop string
+    assert ids == greedy[:len(ids)] and len(ids) < len(greedy)
+    assert stop in reference.generator_tok.decode(ids) and stop not in reference.generator_tok.decode(ids[:-1])
+
+
 def _batches(server: Any, model: str) -> int:
     text = httpx.get(f"{server.url}/metrics").text
     for line in text.splitlines():
@@ -717,9 +763,17 @@ def test_http_truncation_setting(hf_server: Any) -> None:
     ("embedder", {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 99999]}]},
      "input 'input_ids': token ids must be in [0, 300)"),
     ("generator", {"inputs": [text_input("hi")], "parameters": {"max_new_tokens": 0}},
-     "parameter 'max_new_tokens' is 0; expected a positive integer"),
+     "parameter 'max_new_tokens' is 0; expected an integer at least 1"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"max_tokens": 0}},
+     "parameter 'max_tokens' is 0; expected an integer at least 1"),
     ("generator", {"inputs": [text_input("hi")], "parameters": {"temperature": -1, "do_sample": True}},
      "parameter 'temperature' is -1"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"top_k": "many"}}, "parameter 'top_k' is 'many'"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"stop": [3]}}, "parameter 'stop' must be"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"ignore_eos": 1}}, "parameter 'ignore_eos' is 1"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"frequency_penalty": 1}},
+     "parameter 'frequency_penalty' is not supported by the transformers runtime"),
+    ("generator", {"inputs": [text_input("hi")], "parameters": {"max_lenght": 5}}, "unknown parameter 'max_lenght'"),
     ("generator", {"inputs": [text_input("hi")], "outputs": [{"name": "embedding"}]},
      "unknown output 'embedding'; this generation model offers text_output, output_ids"),
 ])
@@ -809,6 +863,19 @@ def test_ignore_eos_generates_max_tokens(eos_first: Path) -> None:
     assert ended.finish_reason == "stop" and ended.completion_tokens == 1  # its first token is the end
     done = _generated(eos_first, "the cat", max_tokens=5, temperature=0.0, ignore_eos=True)
     assert done.completion_tokens == 5 and done.finish_reason == "length"
+
+
+def test_v2_ignore_eos_and_min_tokens_generate_past_the_end(eos_first: Path) -> None:
+    model = asyncio.run(TransformersRuntime().load(spec_for(eos_first, threads=1), Placement("cpu")))
+    try:
+        def length(**parameters: Any) -> int:
+            return len(infer(model, text_request("the cat", max_tokens=5, **parameters))[0]["output_ids"][0])
+
+        assert length() == 0  # its first token is the end
+        assert length(ignore_eos=True) == 5
+        assert length(min_tokens=3) >= 3
+    finally:
+        asyncio.run(model.unload())
 
 
 def test_top_k_zero_samples_from_the_whole_vocabulary(hf_repo: HFRepo, reference: Reference) -> None:

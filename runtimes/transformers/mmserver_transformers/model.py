@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
-from mmserver.generation import GenerationChunk, GenerationRequest, TextGenerator
+from mmserver.generation import GenerationChunk, GenerationRequest, IncrementalText, SamplingParams, TextGenerator
 from mmserver.checkpoint import max_positions, read_config, weight_files
 from mmserver.memory import format_bytes
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
@@ -46,9 +46,9 @@ from .options import (
     CLASSIFICATION,
     EMBEDDING,
     GENERATION,
-    GenerationParams,
     Options,
     dtype_for,
+    v2_sampling,
 )
 
 log = logging.getLogger("mmserver_transformers")
@@ -363,16 +363,15 @@ class TransformersModel(LoadedModel, TextGenerator):
     def _truncation(self, request: InferRequest) -> bool:
         return _flag(request, "truncation", self.options.truncation)
 
-    def _generation(self, request: InferRequest) -> GenerationParams:
-        return GenerationParams.parse(
-            request.parameters, self.options.max_new_tokens, self.default_do_sample, self.limit
-        )
+    def _generation(self, request: InferRequest) -> SamplingParams:
+        return v2_sampling(request.parameters, self.generation_defaults, self.limit)
 
-    def _room(self, gen: GenerationParams | None) -> int | None:
+    def _room(self, gen: SamplingParams | None) -> int | None:
         """The most tokens a prompt row may have."""
-        if self.limit is None:
-            return None
-        return self.limit - gen.max_new_tokens if gen is not None else self.limit
+        if self.limit is None or gen is None:
+            return self.limit
+        assert gen.max_tokens is not None  # the model's default fills it in
+        return self.limit - gen.max_tokens
 
     def _check_texts(self, tensor: InferInput, room: int | None, truncation: bool) -> None:
         raw = tensor.data.reshape(-1)
@@ -435,7 +434,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             layout = ("ids", mask is not None, int(primary.data.shape[1]).bit_length())
         gen = self._generation(request) if self.task == GENERATION else None
         # a seeded sampling request runs alone: its random draws must not depend on batch mates
-        alone = id(request) if gen is not None and gen.do_sample and gen.seed is not None else None
+        alone = id(request) if gen is not None and not gen.greedy and gen.seed is not None else None
         return layout, request.output_names, gen, alone
 
     # -------------------------------------------------------------- compute (thread pool)
@@ -535,33 +534,64 @@ class TransformersModel(LoadedModel, TextGenerator):
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return {"embedding": pooled.cpu().numpy()}
 
-    def _generate(self, rows: list[list[int]], gen: GenerationParams) -> dict[str, Any]:
+    def _generate(self, rows: list[list[int]], gen: SamplingParams) -> dict[str, Any]:
         ids, mask = self._padded(rows)
+        assert gen.max_tokens is not None
+        config = self.generation_config_for(gen, gen.max_tokens)
+        out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask)
+        finished = [self._finish(row, gen) for row in out[:, ids.shape[1]:].cpu().tolist()]
+        return {"text_output": [text.encode("utf-8") for _, text in finished],
+                "output_ids": [tokens for tokens, _ in finished]}
+
+    def generation_config_for(self, params: SamplingParams, max_tokens: int) -> Any:
+        """The checkpoint's ``GenerationConfig`` with a request's sampling parameters applied
+        (V2 batches and streamed sequences alike)."""
         config = copy.deepcopy(self.generation_config)
-        config.max_new_tokens = gen.max_new_tokens
+        config.max_new_tokens = max_tokens
         config.max_length = None
-        config.do_sample = gen.do_sample
-        if gen.do_sample:
-            if gen.temperature is not None:
-                config.temperature = gen.temperature
-            if gen.top_p is not None:
-                config.top_p = gen.top_p
-        else:  # greedy: sampling settings of the checkpoint's generation_config do not apply
+        config.min_new_tokens = params.min_tokens or None
+        if params.repetition_penalty != 1.0:
+            config.repetition_penalty = params.repetition_penalty
+        if params.ignore_eos:  # (None would be refilled from the model's own generation config)
+            config.eos_token_id = []
+        if params.greedy:  # sampling settings of the checkpoint's generation_config do not apply
+            config.do_sample = False
             config.temperature = config.top_p = config.top_k = None
-        if gen.do_sample:
-            with _SAMPLING_LOCK:
-                if gen.seed is not None:
-                    torch.manual_seed(gen.seed)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         else:
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        new_tokens = out[:, ids.shape[1]:].cpu().numpy()
-        generated: list[list[int]] = []
-        for row in new_tokens.tolist():
-            end = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            generated.append(row[:end])
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return {"text_output": [t.encode("utf-8") for t in texts], "output_ids": generated}
+            config.do_sample = True
+            config.temperature = params.temperature
+            config.top_p = params.top_p
+            config.top_k = params.top_k  # 0 is off (None would be refilled with the checkpoint's or 50)
+        return config
+
+    def run_generate(self, config: Any, seed: int | None, **inputs: Any) -> torch.Tensor:
+        """``model.generate`` (the caller holds the model's lock); sampling holds
+        ``_SAMPLING_LOCK`` and seeds torch's generator first."""
+        if not config.do_sample:
+            return self.model.generate(generation_config=config, **inputs)
+        with _SAMPLING_LOCK:
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.model.generate(generation_config=config, **inputs)
+
+    def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str]:
+        """A generated row's tokens and text, ended as a streamed sequence ends: before its first
+        end-of-sequence token (unless ``ignore_eos``), or at the token that completes a stop
+        string, the text cut before it (``IncrementalText``, as the stream does)."""
+        eos = set() if params.ignore_eos else self.eos_ids
+        tokens = tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        if not params.stop:
+            return tokens, self._decode(tokens)
+        text = IncrementalText(self._decode, params.stop)
+        pieces = []
+        for end in range(1, len(tokens) + 1):
+            pieces.append(text.push(tokens[:end]))
+            if text.matched is not None:
+                return tokens[:end], "".join(pieces)
+        return tokens, "".join(pieces) + text.flush()
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def _empty(self) -> dict[str, Any]:
         """The results of a batch without rows (every request has N = 0)."""

@@ -8,13 +8,19 @@ validation stay cheap and can be unit tested on their own.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mmserver.checkpoint import config_dtype
-from mmserver.errors import InvalidInput, ModelLoadError
+from mmserver.errors import ModelLoadError
+from mmserver.generation import (
+    SAMPLING_KEYS,
+    InvalidParameter,
+    SamplingParams,
+    parse_sampling,
+)
 
 log = logging.getLogger("mmserver_transformers")
 
@@ -124,43 +130,55 @@ class Options:
         return cls(task_of(config, parameters), threads, pooling=pooling, max_new_tokens=max_new, **flags)
 
 
-@dataclass(frozen=True, slots=True)
-class GenerationParams:
-    """One request's generation settings, validated (``None``: the model's generation_config)."""
+#: V2 spellings of the transformers runtime's own (``max_new_tokens``), as the generate route takes them
+V2_ALIASES = {"max_new_tokens": "max_tokens"}
+#: request parameters of V2 inference that the server reads itself (deadline, binary outputs) or
+#: that Triton's clients send for features this server does not have (priorities, sequences):
+#: they are no sampling parameters, so they are not refused
+PROTOCOL_PARAMETERS = frozenset({"timeout", "binary_data_output", "priority", "sequence_id",
+                                 "sequence_start", "sequence_end"})
+#: what V2 inference on a generation model takes besides the sampling parameters and their aliases
+V2_GENERATION_FLAGS = frozenset({"do_sample", "truncation"})
 
-    max_new_tokens: int
-    do_sample: bool
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
 
-    @classmethod
-    def parse(cls, parameters: dict[str, Any], default_max_new_tokens: int, default_do_sample: bool,
-              limit: int | None) -> GenerationParams:
-        """Validate the request parameters; raises ``InvalidInput`` naming the parameter."""
-        max_new = parameters.get("max_new_tokens", default_max_new_tokens)
-        if type(max_new) is not int or max_new < 1:
-            raise InvalidInput(f"parameter 'max_new_tokens' is {max_new!r}; expected a positive integer")
-        if limit is not None and max_new >= limit:
-            raise InvalidInput(
-                f"parameter 'max_new_tokens' is {max_new}; the model handles {limit} positions in all, "
-                f"prompt included, so at most {limit - 1}"
-            )
-        do_sample = parameters.get("do_sample", default_do_sample)
-        if type(do_sample) is not bool:
-            raise InvalidInput(f"parameter 'do_sample' is {do_sample!r}; expected true or false")
-        temperature = parameters.get("temperature")
-        if temperature is not None and (
-            type(temperature) not in (int, float) or not math.isfinite(temperature) or temperature <= 0
-        ):
-            raise InvalidInput(f"parameter 'temperature' is {temperature!r}; expected a number above 0")
-        top_p = parameters.get("top_p")
-        if top_p is not None and (type(top_p) not in (int, float) or not 0 < top_p <= 1):
-            raise InvalidInput(f"parameter 'top_p' is {top_p!r}; expected a number in (0, 1]")
-        seed = parameters.get("seed")
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
-            raise InvalidInput(f"parameter 'seed' is {seed!r}; expected an integer in [0, 2**63)")
-        if not do_sample:  # greedy: sampling settings have no effect, keep them out of the batch key
-            return cls(max_new, False)
-        return cls(max_new, True, None if temperature is None else float(temperature),
-                   None if top_p is None else float(top_p), seed)
+def check_supported(params: SamplingParams) -> None:
+    """Refuse what ``model.generate`` cannot do (400 naming the parameter)."""
+    if params.presence_penalty or params.frequency_penalty:
+        name = "presence_penalty" if params.presence_penalty else "frequency_penalty"
+        raise InvalidParameter(f"parameter '{name}' is not supported by the transformers runtime "
+                               "(repetition_penalty is)", name)
+    if params.n > 1 and params.greedy:
+        raise InvalidParameter("n > 1 needs sampling (temperature above 0): greedy sequences are all alike", "n")
+
+
+def v2_sampling(parameters: Mapping[str, Any], defaults: Mapping[str, Any], limit: int | None) -> SamplingParams:
+    """The sampling parameters of a V2 inference request on a generation model, validated as the
+    generate route validates them (``parse_sampling``, ``defaults`` for what the request leaves
+    out), plus ``do_sample``: false is greedy whatever the temperature, true samples (at
+    temperature 1 unless one is given). Any other parameter is refused (``InvalidParameter``).
+    Greedy parameters leave out the sampling-only settings, so that these do not split batches."""
+    takes = {*SAMPLING_KEYS, *V2_ALIASES, *V2_GENERATION_FLAGS}
+    unknown = sorted(set(parameters) - takes - PROTOCOL_PARAMETERS)
+    if unknown:
+        raise InvalidParameter(f"unknown parameter '{unknown[0]}'; a generation model takes "
+                               f"{', '.join(sorted(takes))}", unknown[0])
+    values = dict(parameters)
+    do_sample = values.pop("do_sample", None)
+    if do_sample is not None and type(do_sample) is not bool:
+        raise InvalidParameter(f"parameter 'do_sample' is {do_sample!r}; expected true or false", "do_sample")
+    if do_sample and values.get("temperature") is None:
+        values["temperature"] = 1.0
+    params = parse_sampling(values, aliases=V2_ALIASES, defaults=defaults)
+    if do_sample and params.greedy:
+        raise InvalidParameter("parameter 'do_sample' is true but temperature is 0 (greedy)", "do_sample")
+    if params.n != 1:
+        raise InvalidParameter("parameter 'n' must be 1 on V2 inference (one text_output per text)", "n")
+    check_supported(params)
+    if limit is not None and params.max_tokens is not None and params.max_tokens >= limit:
+        name = next((key for key in V2_ALIASES if values.get(key) is not None), "max_tokens")
+        raise InvalidParameter(
+            f"parameter '{name}' is {params.max_tokens}; the model handles {limit} positions in all, "
+            f"prompt included, so at most {limit - 1}", name)
+    if do_sample is False or params.greedy:
+        return replace(params, temperature=0.0, top_p=1.0, top_k=0, seed=None)
+    return params

@@ -12,7 +12,6 @@ at its next step. ``n`` sequences run one after the other (each with its own see
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -28,10 +27,11 @@ from mmserver.generation import (
     GenerationChunk,
     GenerationRequest,
     IncrementalText,
-    InvalidParameter,
     SamplingParams,
     check_room,
 )
+
+from .options import check_supported
 
 if TYPE_CHECKING:
     from .model import TransformersModel
@@ -61,16 +61,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def check_supported(params: SamplingParams) -> None:
-    """Refuse what ``model.generate`` cannot do (400 naming the parameter)."""
-    if params.presence_penalty or params.frequency_penalty:
-        name = "presence_penalty" if params.presence_penalty else "frequency_penalty"
-        raise InvalidParameter(f"parameter '{name}' is not supported by the transformers runtime "
-                               "(repetition_penalty is)", name)
-    if params.n > 1 and params.greedy:
-        raise InvalidParameter("n > 1 needs sampling (temperature above 0): greedy sequences are all alike", "n")
 
 
 async def stream_generation(model: TransformersModel, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -145,8 +135,6 @@ async def _one_sequence(model: TransformersModel, ids: list[int], params: Sampli
 def _generate(model: TransformersModel, ids: list[int], params: SamplingParams, max_tokens: int,
               seed: int | None, cancel: threading.Event, streamer: _Streamer) -> None:
     """Run on the thread pool: one sequence through ``model.generate``."""
-    from .model import _SAMPLING_LOCK
-
     with model._lock:  # noqa: SLF001 - never overlaps a batch, an offload or an unload
         if model.model is None:
             raise ModelNotReady(f"model {model.label} is unloaded")
@@ -156,32 +144,8 @@ def _generate(model: TransformersModel, ids: list[int], params: SamplingParams, 
             return
         if torch.get_num_threads() != model.threads:
             torch.set_num_threads(model.threads)
-        config = copy.deepcopy(model.generation_config)
-        config.max_new_tokens = max_tokens
-        config.max_length = None
-        config.min_new_tokens = params.min_tokens or None
-        if params.repetition_penalty != 1.0:
-            config.repetition_penalty = params.repetition_penalty
-        if params.ignore_eos:  # (None would be refilled from the model's own generation config)
-            config.eos_token_id = []
-        if params.greedy:
-            config.do_sample = False
-            config.temperature = config.top_p = config.top_k = None
-        else:
-            config.do_sample = True
-            config.temperature = params.temperature
-            config.top_p = params.top_p
-            config.top_k = params.top_k  # 0 is off (None would be refilled with the checkpoint's or 50)
+        config = model.generation_config_for(params, max_tokens)
         inputs = torch.tensor([ids], dtype=torch.long, device=model.device)
-        mask = torch.ones_like(inputs)
-        stop = StoppingCriteriaList([_Cancelled(cancel)])
         with torch.inference_mode():
-            if config.do_sample:
-                with _SAMPLING_LOCK:
-                    if seed is not None:
-                        torch.manual_seed(seed)
-                    model.model.generate(input_ids=inputs, attention_mask=mask, generation_config=config,
-                                         streamer=streamer, stopping_criteria=stop)
-            else:
-                model.model.generate(input_ids=inputs, attention_mask=mask, generation_config=config,
-                                     streamer=streamer, stopping_criteria=stop)
+            model.run_generate(config, seed, input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
