@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,8 @@ BINARY_HEADER = "inference-header-content-length"
 _BY_NUMPY: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items() if name != "BYTES"}
 _LENGTH_PREFIX = struct.Struct("<I")
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+#: ``check(name, datatype)`` raises ``InvalidInput`` for an input the model cannot take
+InputCheck = Callable[[str, str], None]
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -54,8 +56,9 @@ def datatype_of(array: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Decode a V2 inference request body (JSON, optionally followed by binary tensor data)."""
+def decode_request(body: bytes, header_length: str | None = None, check: InputCheck | None = None) -> InferRequest:
+    """Decode a V2 inference request body (JSON, optionally followed by binary tensor data);
+    ``check`` sees each input's name and datatype before its data is decoded."""
     json_part, binary = _split_binary(body, header_length)
     try:
         doc = orjson.loads(json_part)
@@ -68,10 +71,12 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     reader = _BinaryReader(binary)
+    # numpy reads a JSON boolean among numbers as 0 or 1: look for one only if the body has any
+    bools = json_part.find(b"true") >= 0 or json_part.find(b"false") >= 0  # find: faster than "in"
     inputs: list[InferInput] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_inputs):
-        tensor = _decode_input(raw, index, reader)
+        tensor = _decode_input(raw, index, reader, bools, check)
         if tensor.name in seen:
             raise InvalidInput(f"input '{tensor.name}' is given more than once")
         seen.add(tensor.name)
@@ -81,11 +86,13 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
+    parameters = _parameters(doc.get("parameters"), "request")
+    _check_flag(parameters, "binary_data_output", "the request")
     return InferRequest(
         inputs=inputs,
         outputs=_decode_outputs(doc.get("outputs")),
         id=request_id,
-        parameters=_parameters(doc.get("parameters"), "request"),
+        parameters=parameters,
     )
 
 
@@ -111,6 +118,12 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _check_flag(parameters: dict[str, Any], key: str, where: str) -> None:
+    """A boolean parameter must be a JSON boolean (as Triton's AsBool has it): "false" is not."""
+    if key in parameters and type(parameters[key]) is not bool:
+        raise InvalidInput(f"parameter '{key}' of {where} must be true or false")
+
+
 def _decode_outputs(value: Any) -> list[RequestedOutput]:
     if value is None:
         return []
@@ -125,7 +138,9 @@ def _decode_outputs(value: Any) -> list[RequestedOutput]:
         if name in seen:
             raise InvalidInput(f"output '{name}' is requested more than once")
         seen.add(name)
-        outputs.append(RequestedOutput(name, _parameters(raw.get("parameters"), f"output '{name}'")))
+        parameters = _parameters(raw.get("parameters"), f"output '{name}'")
+        _check_flag(parameters, "binary_data", f"output '{name}'")
+        outputs.append(RequestedOutput(name, parameters))
     return outputs
 
 
@@ -142,7 +157,7 @@ def _decode_shape(raw: Any, name: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _decode_input(raw: Any, index: int, reader: _BinaryReader) -> InferInput:
+def _decode_input(raw: Any, index: int, reader: _BinaryReader, bools: bool, check: InputCheck | None) -> InferInput:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object")
     name = raw.get("name")
@@ -155,6 +170,8 @@ def _decode_input(raw: Any, index: int, reader: _BinaryReader) -> InferInput:
             f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}"
         )
     shape = _decode_shape(raw.get("shape"), name)
+    if check is not None:
+        check(name, datatype)
     count = math.prod(shape)
     parameters = _parameters(raw.get("parameters"), f"input '{name}'")
     binary_size = parameters.get("binary_data_size")
@@ -169,7 +186,7 @@ def _decode_input(raw: Any, index: int, reader: _BinaryReader) -> InferInput:
     else:
         if "data" not in raw:
             raise InvalidInput(f"input '{name}' has no 'data'")
-        array = _from_json(raw["data"], datatype, dtype, count, name)
+        array = _from_json(raw["data"], datatype, dtype, count, name, bools)
     try:
         shaped = array.reshape(shape)
     except ValueError:
@@ -177,7 +194,8 @@ def _decode_input(raw: Any, index: int, reader: _BinaryReader) -> InferInput:
     return InferInput(name, datatype, shaped, parameters)
 
 
-def _from_json(data: Any, datatype: str, dtype: np.dtype, count: int, name: str) -> np.ndarray:
+def _from_json(data: Any, datatype: str, dtype: np.dtype, count: int, name: str, bools: bool) -> np.ndarray:
+    """``bools``: whether the body may hold a JSON boolean at all."""
     if datatype == "BYTES":
         return _bytes_from_json(data, count, name)
     try:
@@ -188,9 +206,20 @@ def _from_json(data: Any, datatype: str, dtype: np.dtype, count: int, name: str)
         raise InvalidInput(
             f"input '{name}': shape holds {count} elements but 'data' has {parsed.size}"
         )
+    if bools and datatype != "BOOL" and parsed.dtype.kind in "iuf" and _holds_bool(data):
+        expected = "integers" if dtype.kind in "iu" else "numbers"
+        raise InvalidInput(f"input '{name}': {datatype} data must be {expected}, not true/false")
     if datatype == "UINT64" and parsed.dtype.kind == "f":
         parsed = _exact_integers(data, name)
     return _cast(parsed, datatype, dtype, name)
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether JSON ``data`` (nested lists or a scalar) holds a boolean."""
+    if type(data) is not list:
+        return type(data) is bool
+    types = set(map(type, data))
+    return bool in types or (list in types and any(_holds_bool(item) for item in data if type(item) is list))
 
 
 def _exact_integers(data: Any, name: str) -> np.ndarray:
@@ -239,31 +268,23 @@ def _beyond_integer_range(parsed: np.ndarray, dtype: np.dtype) -> bool:
 
 
 def _bytes_from_json(data: Any, count: int, name: str) -> np.ndarray:
-    flat: list[Any] = []
-    _flatten(data, flat, name, depth=0, widths={})
-    if len(flat) != count:
-        raise InvalidInput(f"input '{name}': shape holds {count} elements but 'data' has {len(flat)}")
-    array = np.empty(count, dtype=object)
-    for i, item in enumerate(flat):
-        if not isinstance(item, str):
-            raise InvalidInput(f"input '{name}': BYTES data must be strings")
-        array[i] = item.encode("utf-8", "surrogatepass")
-    return array
-
-
-def _flatten(data: Any, out: list[Any], name: str, depth: int, widths: dict[int, int]) -> None:
-    """Flatten nested lists into ``out``, refusing ragged nesting (``widths``: length per depth)."""
-    if not isinstance(data, list):
-        if widths.setdefault(depth, -1) != -1:
-            raise InvalidInput(f"input '{name}': 'data' is ragged")
-        out.append(data)
-        return
-    if depth > MAX_DIMS:
+    try:  # numpy walks the nesting in C; strings stay whole (they are not sequences to it)
+        nested = np.array(data, dtype=object)
+    except ValueError:
+        raise InvalidInput(f"input '{name}': 'data' is ragged") from None
+    if nested.ndim > MAX_DIMS:
         raise InvalidInput(f"input '{name}': 'data' is nested deeper than {MAX_DIMS} levels")
-    if widths.setdefault(depth, len(data)) != len(data):
-        raise InvalidInput(f"input '{name}': 'data' is ragged")
-    for item in data:
-        _flatten(item, out, name, depth + 1, widths)
+    flat = nested.reshape(-1).tolist()
+    try:
+        encoded = [item.encode("utf-8", "surrogatepass") for item in flat]
+    except AttributeError:  # a leaf that is no string, or a list left where the nesting is ragged
+        problem = "'data' is ragged" if list in set(map(type, flat)) else "BYTES data must be strings"
+        raise InvalidInput(f"input '{name}': {problem}") from None
+    if len(encoded) != count:
+        raise InvalidInput(f"input '{name}': shape holds {count} elements but 'data' has {len(encoded)}")
+    array = np.empty(count, dtype=object)
+    array[:] = encoded
+    return array
 
 
 def _from_binary(chunk: bytes, datatype: str, dtype: np.dtype, count: int, name: str) -> np.ndarray:
@@ -282,17 +303,23 @@ def _from_binary(chunk: bytes, datatype: str, dtype: np.dtype, count: int, name:
 
 
 def _bytes_from_binary(chunk: bytes, count: int, name: str) -> np.ndarray:
+    """Length-prefixed elements; the loop does as little per element as it can (millions of
+    short strings are a plausible request) and the checks follow it."""
     items: list[bytes] = []
+    append, unpack = items.append, _LENGTH_PREFIX.unpack_from
     offset, end = 0, len(chunk)
-    while offset < end:
-        if offset + 4 > end or len(items) >= count:
-            raise InvalidInput(f"input '{name}': binary BYTES data does not match its shape")
-        (length,) = _LENGTH_PREFIX.unpack_from(chunk, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidInput(f"input '{name}': a binary BYTES element runs past its data")
-        items.append(chunk[offset : offset + length])
-        offset += length
+    try:
+        for _ in range(min(count, end // 4)):  # every element takes at least its 4-byte prefix
+            (length,) = unpack(chunk, offset)
+            offset += 4 + length
+            append(chunk[offset - length : offset])
+    except struct.error:  # a prefix past the end (after an element that ran past it) or cut short
+        if offset < end:
+            raise InvalidInput(f"input '{name}': binary BYTES data does not match its shape") from None
+    if offset > end:
+        raise InvalidInput(f"input '{name}': a binary BYTES element runs past its data")
+    if offset < end:
+        raise InvalidInput(f"input '{name}': binary BYTES data does not match its shape")
     if len(items) != count:
         raise InvalidInput(
             f"input '{name}': shape holds {count} elements but the binary data has {len(items)}"

@@ -20,6 +20,10 @@ class InvalidInput(MMServerError):
     """The request is malformed or does not fit the model."""
 
 
+class UnsupportedMediaType(InvalidInput):
+    """The request body comes in an encoding (``Content-Encoding``) the server cannot decode."""
+
+
 class ModelNotFound(MMServerError):
     """No such model or version in the repository."""
 
@@ -84,6 +88,7 @@ HTTP_STATUS: dict[type[MMServerError], int] = {
     RouteNotFound: 404,
     MethodNotAllowed: 405,
     PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     Overloaded: 429,
     ClientDisconnected: 499,
     InferenceError: 500,

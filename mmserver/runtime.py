@@ -62,6 +62,10 @@ class LoadedModel(ABC):
     def metadata(self) -> ModelMetadata:
         """Inputs, outputs and platform of the model."""
 
+    def check_input(self, name: str, datatype: str) -> None:
+        """Refuse an input from its header alone, before its data is decoded (raise
+        ``InvalidInput``); the default takes any. Must be cheap."""
+
     def validate(self, request: InferRequest) -> None:
         """Reject a request that cannot fit the model (raise ``InvalidInput``). Must be cheap."""
 

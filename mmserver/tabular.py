@@ -1,6 +1,7 @@
 """Shared base for row-wise numeric models (scikit-learn, XGBoost): feature matrices in, columns out.
 
-A request carries either one ``[N, F]`` tensor or ``F`` per-column tensors of ``N`` rows. A batch
+A request carries either one ``[N, F]`` tensor or ``F`` per-column tensors of ``N`` rows (a
+one-feature model's single ``[N]`` tensor is its one column). A batch
 of requests is stacked into one matrix, predicted in one call on the thread pool, and split back.
 Subclasses only implement ``predict(matrix, output_names) -> {name: array}``.
 """
@@ -56,12 +57,14 @@ class TabularModel(LoadedModel):
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(platform=self._platform, inputs=self._inputs, outputs=self._outputs)
 
+    def check_input(self, name: str, datatype: str) -> None:
+        """Refuse an input from its header alone (``codec.InputCheck``): the features are numbers."""
+        if datatype == "BYTES":
+            raise InvalidInput(f"input '{name}' is BYTES but this model takes numeric features")
+
     def validate(self, request: InferRequest) -> None:
         for tensor in request.inputs:
-            if tensor.datatype == "BYTES":
-                raise InvalidInput(
-                    f"input '{tensor.name}' is BYTES but this model takes numeric features"
-                )
+            self.check_input(tensor.name, tensor.datatype)
             if tensor.data.dtype.kind == "f" and not np.isfinite(tensor.data).all():
                 self._check_missing_values(tensor)
             if self.input_dtype == np.float32 and tensor.data.dtype == np.float64 and tensor.data.size:
@@ -120,9 +123,14 @@ class TabularModel(LoadedModel):
 
     # -------------------------------------------------------------- matrices
 
+    def _is_matrix(self, inputs: Sequence[InferInput]) -> bool:
+        """One ``[N, F]`` tensor, rather than per-column ones (a lone ``[N]`` is a column when
+        the model has one feature)."""
+        return len(inputs) == 1 and not (self.n_features == 1 and inputs[0].data.ndim == 1)
+
     def _matrix_shape(self, request: InferRequest) -> tuple[int, int]:
         inputs = request.inputs
-        if len(inputs) == 1:
+        if self._is_matrix(inputs):
             shape = inputs[0].data.shape
             if len(shape) != 2:
                 raise InvalidInput(
@@ -146,7 +154,7 @@ class TabularModel(LoadedModel):
 
     def _matrix(self, request: InferRequest) -> np.ndarray:
         inputs = request.inputs
-        if len(inputs) == 1:
+        if self._is_matrix(inputs):
             return inputs[0].data.astype(self.input_dtype, copy=False)
         columns = [t.data.reshape(-1) for t in self._ordered_columns(request)]
         return np.column_stack(columns).astype(self.input_dtype, copy=False)

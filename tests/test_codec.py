@@ -383,6 +383,36 @@ def test_fp64_near_its_limit_is_accepted():
     assert decode(tensor("FP64", [1], [1.7e308])).inputs[0].data.tolist() == [1.7e308]
 
 
+@pytest.mark.parametrize(
+    "datatype, data, expected",
+    [
+        ("INT32", [True, 2], "INT32 data must be integers, not true/false"),
+        ("UINT8", [False, 7], "UINT8 data must be integers, not true/false"),
+        ("INT64", [[1, 2], [3, False]], "INT64 data must be integers, not true/false"),
+        ("FP32", [True, 1.5], "FP32 data must be numbers, not true/false"),
+        ("FP64", [[1.0], [True]], "FP64 data must be numbers, not true/false"),
+        ("UINT64", [True, 18446744073709551615], "UINT64 data must be integers, not true/false"),
+    ],
+)
+def test_json_booleans_among_numbers_are_refused(datatype, data, expected):
+    """numpy reads them as 0 and 1; Triton refuses a JSON boolean in a numeric tensor."""
+    shape = [len(data), len(data[0])] if isinstance(data[0], list) else [len(data)]
+    assert invalid_input(tensor(datatype, shape, data)) == f"input '{NAME}': {expected}"
+
+
+def test_numbers_in_a_body_that_mentions_true_elsewhere_are_accepted():
+    request = decode(tensor("INT32", [2], [1, 0]), tensor("FP64", [1], [1.0], name="b"), id="true",
+                     parameters={"binary_data_output": False})
+    np.testing.assert_array_equal(by_name(request)[NAME], [1, 0])
+
+
+@pytest.mark.parametrize(
+    "data", [["a", ["b"]], [["a"], "b"], [["a"], [["b"]]], [[["a"]], ["b"]], [[], ["a"]]]
+)
+def test_ragged_bytes_data_of_lists_and_leaves(data):
+    assert invalid_input(tensor("BYTES", [2], data)) == f"input '{NAME}': 'data' is ragged"
+
+
 @pytest.mark.parametrize("data", [[1], [None], [["a"], [2]], [True]])
 def test_non_strings_in_bytes(data):
     message = invalid_input(tensor("BYTES", [len(data)], data))
@@ -607,9 +637,41 @@ def test_binary_bytes_truncated_length_prefix():
     assert message == f"input '{NAME}': binary BYTES data does not match its shape"
 
 
+def test_binary_bytes_many_elements_of_mixed_lengths():
+    items = [b"", b"a", b"\x00\x00", "é".encode(), b"x" * 300] * 2000
+    doc = {"inputs": [tensor("BYTES", [len(items) // 5, 5],
+                             parameters={"binary_data_size": len(bytes_blob(*items))})]}
+    body, header = binary_body(doc, bytes_blob(*items))
+    data = decode_request(body, header).inputs[0].data
+    assert data.shape == (2000, 5) and data.dtype == object
+    assert data.reshape(-1).tolist() == items
+
+
 def test_binary_bytes_huge_shape_is_refused():
     message = bytes_error(bytes_blob(b"a"), [10**6, 10**6])
     assert message == f"input '{NAME}': shape holds 1000000000000 elements but the binary data has 1"
+
+
+# ----------------------------------------------------------------------------- input check
+
+
+def test_check_sees_every_input_before_its_data_is_decoded():
+    seen = []
+
+    def check(name: str, datatype: str) -> None:
+        seen.append((name, datatype))
+        if datatype == "BYTES":
+            raise InvalidInput(f"input '{name}' is BYTES")
+
+    request = decode_request(request_body(tensor("FP32", [1], [1.5], name="a")), None, check)
+    assert seen == [("a", "FP32")] and request.inputs[0].name == "a"
+    # the data is ragged and its binary part missing: neither is looked at
+    body = request_body(tensor("FP32", [1], [1.5], name="b"),
+                        tensor("BYTES", [2], [["x"], "y"]), tensor("BYTES", [9], name="c"))
+    with pytest.raises(InvalidInput) as info:
+        decode_request(body, None, check)
+    assert info.value.message == f"input '{NAME}' is BYTES"
+    assert seen[1:] == [("b", "FP32"), (NAME, "BYTES")]
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -754,6 +816,29 @@ def test_binary_output_false_everywhere_gives_json_only():
     body, header = encode_response(InferResponse([InferOutput("a", np.array([1]))], "m"), request)
     assert header is None
     assert orjson.loads(body)["outputs"][0]["data"] == [1]
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, {"no": 0}, []])
+def test_binary_data_must_be_a_json_boolean(value):
+    outputs = [{"name": "predict", "parameters": {"binary_data": value}}]
+    message = invalid_input(tensor("FP32", [1], [1.0]), outputs=outputs)
+    assert message == "parameter 'binary_data' of output 'predict' must be true or false"
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, {"no": 0}, []])
+def test_binary_data_output_must_be_a_json_boolean(value):
+    message = invalid_input(tensor("FP32", [1], [1.0]), parameters={"binary_data_output": value})
+    assert message == "parameter 'binary_data_output' of the request must be true or false"
+
+
+def test_binary_data_flags_decoded_and_encoded():
+    outputs = [{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}]
+    request = decode(tensor("FP32", [1], [1.0]), outputs=outputs, parameters={"binary_data_output": True})
+    response = InferResponse([InferOutput("a", np.array([1.0])), InferOutput("b", np.array([2.0]))], "m")
+    doc, tail = split_binary_response(*encode_response(response, request))
+    assert doc["outputs"][0]["data"] == [1.0]
+    assert doc["outputs"][1]["parameters"] == {"binary_data_size": 8}
+    assert tail == np.array([2.0]).tobytes()
 
 
 def test_binary_bytes_output_has_length_prefixes():

@@ -147,7 +147,9 @@ def fuzz_cases() -> list[Fuzz]:
     add(Fuzz("100k nested objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "not valid JSON"))
     add(Fuzz("100k unclosed brackets", b"[" * 100_000, "not valid JSON"))
     add(Fuzz("1000-deep data", raw_doc("FP64", b"[" * 999 + b"1" + b"]" * 999), "input-0"))
-    add(Fuzz("40-deep BYTES data", doc(tensor("BYTES", [1], json.loads("[" * 40 + '"a"' + "]" * 40))), "deeper"))
+    # (BYTES to this numeric model is refused from the input's header, before its data is read;
+    # test_codec.py covers what the decoder says of such data itself)
+    add(Fuzz("40-deep BYTES data", doc(tensor("BYTES", [1], json.loads("[" * 40 + '"a"' + "]" * 40))), "BYTES"))
     add(Fuzz("body is a list", b"[1, 2]", "JSON object"))
     add(Fuzz("body is a string", b'"inputs"', "JSON object"))
     add(Fuzz("body is null", b"null", "JSON object"))
@@ -215,15 +217,15 @@ def fuzz_cases() -> list[Fuzz]:
              **binary([tensor(shape=[1, 4], data=[1, 2, 3, 4], parameters={"binary_data_size": 32})], ROW),
              says="both 'data' and binary_data_size"))
     add(Fuzz("BYTES element length past its data",
-             **binary([tensor("BYTES", [1], parameters={"binary_data_size": 5})], b"\xff\xff\xff\x7fa"), says="runs past"))
+             **binary([tensor("BYTES", [1], parameters={"binary_data_size": 5})], b"\xff\xff\xff\x7fa"), says="BYTES"))
     # --- a shape whose product is 10^12 (refused before anything is allocated)
     add(Fuzz("10^12 elements, JSON", doc(tensor(shape=[10**6, 10**6], data=[1.0])), "1000000000000"))
     add(Fuzz("10^12 elements, binary", **binary([tensor("FP32", [10**6, 10**6], parameters={"binary_data_size": 4})],
                                                b"\0" * 4), says="4000000000000"))
-    add(Fuzz("10^12 elements, BYTES", doc(tensor("BYTES", [10**12], ["a"])), "1000000000000"))
+    add(Fuzz("10^12 elements, BYTES", doc(tensor("BYTES", [10**12], ["a"])), "BYTES"))
     add(Fuzz("10^12 elements, binary BYTES",
              **binary([tensor("BYTES", [10**6, 10**6], parameters={"binary_data_size": 5})], b"\x01\x00\x00\x00a"),
-             says="1000000000000"))
+             says="BYTES"))
     add(Fuzz("0 x 10^12 elements", doc(tensor(shape=[0, 10**12], data=[])), "features"))
     add(Fuzz("2^62 x 2^62 x 0", doc(tensor(shape=[2**62, 2**62, 0], data=[])), "too large"))
     add(Fuzz("negative dimension", doc(tensor(shape=[-1, 4], data=[1, 2, 3, 4])), "negative"))

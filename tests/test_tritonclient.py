@@ -97,6 +97,18 @@ def test_infer_binary_inputs_and_outputs(triton, model_repo, model, datatype):
     np.testing.assert_allclose(proba, ref.proba, rtol=1e-6 if proba.dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_with_request_compression(triton, model_repo, algorithm, binary):
+    """The client compresses the body and counts its Inference-Header-Content-Length before that."""
+    ref = model_repo.refs["iris@2"]
+    result = triton.infer("iris", [make_input("input-0", ref.x, "FP64", binary=binary)],
+                          outputs=requested("predict", "predict_proba", binary=binary),
+                          request_compression_algorithm=algorithm)
+    assert_labels(result.as_numpy("predict"), ref.predict)
+    np.testing.assert_allclose(result.as_numpy("predict_proba"), ref.proba, rtol=1e-12)
+
+
 def test_infer_json_inputs_and_outputs(triton, model_repo):
     ref = model_repo.refs["strings"]
     result = triton.infer("strings", [make_input("input-0", ref.x, "FP64", binary=False)],

@@ -1,15 +1,25 @@
 """HTTP plumbing shared by the Starlette routes and the raw ASGI inference path: reading a
 bounded body, and the one mapping from errors to status, headers and JSON body (V2's
 ``{"error": message}``, or OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under
-the OpenAI prefixes)."""
+the OpenAI prefixes), and decompressing a ``Content-Encoding: gzip`` or ``deflate`` body."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..codec import encode_json
-from ..errors import ClientDisconnected, MethodNotAllowed, MMServerError, ModelNotFound, PayloadTooLarge, http_status
+from ..errors import (
+    ClientDisconnected,
+    InvalidInput,
+    MethodNotAllowed,
+    MMServerError,
+    ModelNotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    http_status,
+)
 
 JSON = "application/json"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -19,6 +29,8 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
                       429: "rate_limit_error"}
 _OPENAI_SERVER_CODES = {503: "model_not_ready", 504: "timeout", 507: "insufficient_memory"}
+#: zlib's window bits for each content coding it decodes (gzip's header, or deflate's zlib one)
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def error_parts(error: MMServerError) -> tuple[int, dict[str, str], bytes]:
@@ -79,3 +91,42 @@ async def read_body(receive: Receive, declared_length: str | None, limit: int) -
             chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def content_coding(header: str | None) -> str | None:
+    """The body's compression from its ``Content-Encoding`` header: "gzip", "deflate", or None
+    (no header, or identity); any other coding is refused with 415, as Triton does."""
+    if header is None:
+        return None
+    coding = header.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in _WBITS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {header!r} is not supported; use gzip, deflate or identity"
+        )
+    return coding
+
+
+def decompress(body: bytes, coding: str, limit: int) -> bytes:
+    """A gzip or deflate body, decompressed. The output is capped while it is produced: past
+    ``limit`` bytes, 413 (a small body may inflate a thousandfold)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:  # a gzip body may hold several members, one after the other
+        inflater = zlib.decompressobj(_WBITS[coding])
+        try:
+            part = inflater.decompress(body, limit - size + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"the request body is not valid {coding} data: {exc}") from None
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit once decompressed")
+        if not inflater.eof:
+            raise InvalidInput(f"the {coding} request body is cut short")
+        parts.append(part)
+        body = inflater.unused_data
+        if not body:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if coding != "gzip":
+            raise InvalidInput(f"the request body has {len(body)} bytes after its {coding} data")

@@ -4,6 +4,9 @@
 Starlette's routing, middleware stack and Request/Response objects cost about as much as the
 whole of a small model's work. This handler reads the scope directly; every other path goes
 on to the Starlette application.
+
+A body larger than ``INLINE_DECODE_BYTES``, or a compressed one, is decompressed and decoded on
+the worker pool: walking millions of elements would otherwise hold up every other request.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..codec import BINARY_HEADER, decode_request, encode_json, encode_response
+from ..codec import BINARY_HEADER, InputCheck, decode_request, encode_json, encode_response
 from ..errors import ClientDisconnected, InvalidInput, MethodNotAllowed, MMServerError
 from ..metrics import outcome_of
-from .http import JSON, error_parts, read_body
+from ..runtime import run_sync
+from ..types import InferRequest
+from .http import JSON, content_coding, decompress, error_parts, read_body
 
 log = logging.getLogger(__name__)
 
 _BINARY_HEADER = BINARY_HEADER.encode()
 _TIMEOUT_HEADER = b"request-timeout"
+_ENCODING_HEADER = b"content-encoding"
+#: bodies up to this size are decoded on the event loop: the worker pool's round trip costs
+#: 50-150 µs, and 1 MiB decodes in 10 ms (JSON numbers) to 100 ms (empty binary BYTES elements)
+INLINE_DECODE_BYTES = 1 << 20
 _JSON_HEADERS = [(b"content-type", JSON.encode())]
 
 
@@ -89,7 +98,7 @@ class InferenceRoute:
         await send({"type": "http.response.body", "body": body})
 
     async def _infer(self, entry: Any, scope: Scope, receive: Receive) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        declared = binary_length = timeout_header = None
+        declared = binary_length = timeout_header = encoding = None
         for key, value in scope["headers"]:
             if key == b"content-length":
                 declared = value.decode("latin-1")
@@ -97,9 +106,17 @@ class InferenceRoute:
                 binary_length = value.decode("latin-1")
             elif key == _TIMEOUT_HEADER:
                 timeout_header = value.decode("latin-1")
-        settings = self.state.settings
-        body = await read_body(receive, declared, settings.max_request_bytes)
-        request = decode_request(body, binary_length)
+            elif key == _ENCODING_HEADER:
+                encoding = value.decode("latin-1")
+        coding = content_coding(encoding)
+        limit = self.state.settings.max_request_bytes
+        body = await read_body(receive, declared, limit)
+        # a loaded model refuses an input it cannot take before its data is walked
+        check: InputCheck | None = entry.model.check_input if entry.model is not None else None
+        if coding is None and len(body) <= INLINE_DECODE_BYTES:
+            request = decode_request(body, binary_length, check)
+        else:
+            request = await run_sync(_decode_body, body, coding, limit, binary_length, check)
         deadline = request_deadline(request.parameters.get("timeout"), timeout_header)
         response = await self.state.manager.infer(entry, request, deadline, _disconnect_probe(receive))
         content, header_length = encode_response(response, request)
@@ -109,6 +126,15 @@ class InferenceRoute:
             (b"content-type", b"application/octet-stream"),
             (b"inference-header-content-length", header_length.encode()),
         ], content
+
+
+def _decode_body(
+    body: bytes, coding: str | None, limit: int, binary_length: str | None, check: InputCheck | None
+) -> InferRequest:
+    """Decompress (Inference-Header-Content-Length counts the decompressed body) and decode."""
+    if coding is not None:
+        body = decompress(body, coding, limit)
+    return decode_request(body, binary_length, check)
 
 
 def request_deadline(timeout_us: Any, timeout_header: str | None) -> float | None:

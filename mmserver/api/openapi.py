@@ -158,7 +158,7 @@ def _operation(path: str, summary: str, ok: str | dict, errors: tuple[int, ...],
 
 MODEL = "/v2/models/{name}"
 VERSIONED = MODEL + "/versions/{version}"
-_INFER_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
+_INFER_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 503, 504, 507)
 _READY_MODEL = {"content": {JSON: {"schema": {"$ref": "#/components/schemas/ModelReady"}}}}
 
 #: (method, path) -> (summary, success schema, error statuses, request body schema)
