@@ -202,6 +202,44 @@ def parse_sampling(
     return SamplingParams(**out)
 
 
+#: V2 spellings of sampling parameters (the transformers runtime's ``max_new_tokens``)
+V2_ALIASES = {"max_new_tokens": "max_tokens"}
+#: request parameters of V2 inference that the server reads itself (deadline, binary outputs) or
+#: that Triton's clients send for features this server does not have (priorities, sequences):
+#: they are no sampling parameters, and no runtime refuses them
+PROTOCOL_PARAMETERS = frozenset({"timeout", "binary_data_output", "priority", "sequence_id",
+                                 "sequence_start", "sequence_end"})
+
+
+def parse_v2_sampling(
+    parameters: Mapping[str, Any], defaults: Mapping[str, Any], flags: frozenset[str] = frozenset()
+) -> SamplingParams:
+    """The sampling parameters of a V2 inference request on a generation model, validated as the
+    generate route validates them (``parse_sampling``, ``defaults`` for what the request leaves
+    out), plus ``do_sample``: false is greedy whatever the temperature, true samples (at
+    temperature 1 unless one is given). Parameters other than these, the runtime's own ``flags``
+    and the protocol's are refused (``InvalidParameter``), and so is ``n`` other than 1."""
+    takes = {*SAMPLING_KEYS, *V2_ALIASES, "do_sample", *flags}
+    unknown = sorted(set(parameters) - takes - PROTOCOL_PARAMETERS)
+    if unknown:
+        raise InvalidParameter(f"unknown parameter '{unknown[0]}'; a generation model takes "
+                               f"{', '.join(sorted(takes))}", unknown[0])
+    values = dict(parameters)
+    do_sample = values.pop("do_sample", None)
+    if do_sample is not None and type(do_sample) is not bool:
+        raise InvalidParameter(f"parameter 'do_sample' is {do_sample!r}; expected true or false", "do_sample")
+    if do_sample is False:
+        values["temperature"] = 0.0
+    elif do_sample and values.get("temperature") is None:
+        values["temperature"] = 1.0
+    params = parse_sampling(values, aliases=V2_ALIASES, defaults=defaults)
+    if do_sample and params.greedy:
+        raise InvalidParameter("parameter 'do_sample' is true but temperature is 0 (greedy)", "do_sample")
+    if params.n != 1:
+        raise InvalidParameter("parameter 'n' must be 1 on V2 inference (one text_output per text)", "n")
+    return params
+
+
 def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if type(value) is not int or value < low or (high is not None and value > high):
         bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
@@ -254,23 +292,28 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
 
 def check_room(params: SamplingParams, prompt_tokens: int, limit: int | None) -> int | None:
     """The ``max_tokens`` to run with: the request's, or what the context leaves; raises
-    ``InvalidParameter`` when the prompt (plus ``max_tokens``) does not fit ``limit``."""
+    ``InvalidParameter`` when the prompt (plus ``max_tokens``) does not fit ``limit``, or when
+    ``min_tokens`` asks for more than that ``max_tokens``."""
     if prompt_tokens < 1:
         raise InvalidParameter("the prompt is empty (it tokenizes to nothing)", "prompt")
-    if limit is None:
-        return params.max_tokens
-    if prompt_tokens >= limit:
-        raise InvalidParameter(
-            f"the prompt has {prompt_tokens} tokens; this model takes at most {limit} tokens in all, "
-            f"prompt and output together", "prompt")
-    room = limit - prompt_tokens
-    if params.max_tokens is None:
-        return room
-    if params.max_tokens > room:
-        raise InvalidParameter(
-            f"max_tokens is {params.max_tokens}, but the prompt has {prompt_tokens} tokens and this model "
-            f"takes at most {limit} in all: at most {room} for this prompt", "max_tokens")
-    return params.max_tokens
+    max_tokens = params.max_tokens
+    if limit is not None:
+        if prompt_tokens >= limit:
+            raise InvalidParameter(
+                f"the prompt has {prompt_tokens} tokens; this model takes at most {limit} tokens in all, "
+                f"prompt and output together", "prompt")
+        room = limit - prompt_tokens
+        for name, asked in (("max_tokens", max_tokens or 0), ("min_tokens", params.min_tokens)):
+            if asked > room:
+                raise InvalidParameter(
+                    f"{name} is {asked}, but the prompt has {prompt_tokens} tokens and this model takes at "
+                    f"most {limit} in all: at most {room} for this prompt", name)
+        if max_tokens is None:
+            max_tokens = room
+    if max_tokens is not None and params.min_tokens > max_tokens:
+        raise InvalidParameter(f"min_tokens is {params.min_tokens}, more than max_tokens ({max_tokens})",
+                               "min_tokens")
+    return max_tokens
 
 
 # ----------------------------------------------------------------------------- text deltas

@@ -77,6 +77,17 @@ def test_room() -> None:
         check_room(SamplingParams(), 0, 100)
 
 
+def test_min_tokens_beyond_max_tokens_or_the_room_is_refused() -> None:
+    assert check_room(SamplingParams(max_tokens=5, min_tokens=5), 10, 100) == 5
+    assert check_room(SamplingParams(min_tokens=90), 10, 100) == 90
+    for params, limit in ((SamplingParams(max_tokens=5, min_tokens=20), 100),  # the request's max_tokens
+                          (SamplingParams(max_tokens=5, min_tokens=20), None),
+                          (SamplingParams(min_tokens=91), 100)):  # what the prompt leaves
+        with pytest.raises(InvalidParameter) as caught:
+            check_room(params, 10, limit)
+        assert caught.value.param == "min_tokens" and "min_tokens" in caught.value.message
+
+
 def _decoder(pieces: dict[int, str]):
     return lambda ids: "".join(pieces[i] for i in ids)
 

@@ -11,6 +11,7 @@ tests compare outputs between calls and count tokens; they never expect a partic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -182,6 +183,181 @@ def test_a_running_engine_is_charged_what_its_processes_hold(llm_repo: Path) -> 
     assert deep.measured(10, asleep=True) == {"cuda:0": GPU_ENGINE_OVERHEAD, "cpu": 10}
 
 
+def test_engine_options_that_no_request_could_use_are_refused(llm_repo: Path) -> None:
+    from mmserver.errors import ModelLoadError
+    from mmserver_vllm.options import Options
+
+    # 4 KiB holds 8 tokens of this model (512 bytes each), not one 256-token sequence
+    with pytest.raises(ModelLoadError, match="max_model_len 256 needs 131072 bytes.* 4096"):
+        Options.parse(llm_repo / "llm-b", "cpu", {"kv_cache_memory_bytes": "4KiB", "max_model_len": 256}, None)
+    # every V2 request without max_tokens would be refused for a max_tokens it never sent
+    with pytest.raises(ModelLoadError, match="max_tokens 256 .* max_model_len 256"):
+        Options.parse(llm_repo / "llm-b", "cpu", {"max_tokens": 256, "max_model_len": 256}, None)
+    assert Options.parse(llm_repo / "llm-b", "cpu", {"max_tokens": 255, "max_model_len": 256}, None).max_tokens == 255
+
+
+# ----------------------------------------------------------------------------- in process, no server
+
+
+def _vllm_children() -> set[Any]:
+    """This process's vLLM processes (engine cores and their workers), and what runs below them."""
+    import psutil
+
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name().startswith("VLLM"):
+                found |= {process, *process.children(recursive=True)}
+        except psutil.Error:
+            pass
+    return found
+
+
+def _alive(processes: set[Any]) -> set[Any]:
+    import psutil
+
+    alive = set()
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.add(process)
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("start_hangs", [False, True], ids=["start-ends", "start-hangs"])
+def test_a_cancelled_load_leaves_no_engine_process(llm_repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   start_hangs: bool) -> None:
+    """A load cancelled while its engine starts (the server stopping, a load timeout) returns
+    once every engine process has ended: after the start ended and the engine was shut down, or,
+    when the start does not end in time (here at once), after its processes were killed."""
+    from mmserver.runtime import Placement
+    from mmserver.spec import ModelConfig, ModelSpec
+    from mmserver_vllm import engine as vllm_engine
+
+    if start_hangs:
+        monkeypatch.setattr(vllm_engine, "ABANDONED_START_WAIT_S", 0.0)
+    config = ModelConfig(parameters={"max_num_seqs": 8, "kv_cache_memory_bytes": "128MiB"})
+    spec = ModelSpec("llm-b", "1", llm_repo / "llm-b", "vllm", config, "detected")
+
+    async def cancel_while_starting() -> tuple[set[Any], float]:
+        """The engine processes alive once the cancelled load returned, and how long it took."""
+        load = asyncio.ensure_future(vllm_engine.load_model(spec, Placement(), None))
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        while not (seen := _vllm_children()):  # the engine core runs: the engine is starting
+            assert not load.done() and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        load.cancel()
+        cancelled = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        return _alive(seen | _vllm_children()), time.monotonic() - cancelled
+
+    alive, took = asyncio.run(cancel_while_starting())
+    assert not alive, f"engine processes {alive} outlived the cancelled load"
+    if start_hangs:
+        assert took < vllm_engine.SHUTDOWN_TIMEOUT_S, took
+
+
+def test_engines_starting_together_keep_their_own_metrics(llm_repo: Path) -> None:
+    """vLLM registers vllm:cache_config_info when an engine has started: each engine keeps its
+    own, and two engines finishing their start together do not collide in the global registry."""
+    from prometheus_client import REGISTRY
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from mmserver_vllm.engine import _CapturedPrometheus
+
+    config = AsyncEngineArgs(model=str(llm_repo / "llm-b"), max_model_len=256, enforce_eager=True,
+                             kv_cache_memory_bytes=64 << 20).create_engine_config()
+    first, second = _CapturedPrometheus(config), _CapturedPrometheus(config)  # two StatLoggerManagers
+    first.log_engine_initialized()
+    second.log_engine_initialized()  # raised "Duplicated timeseries" while the first one's was registered
+    for logger in (first, second):
+        assert "vllm:cache_config_info" in {c._name for c in logger.collectors}
+    assert not [c for c in REGISTRY._collector_to_names if str(getattr(c, "_name", "")).startswith("vllm:")]
+
+
+class _CountingTokenizer:
+    """A tokenizer that records the thread of every ``encode``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.threads: list[threading.Thread] = []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.threads.append(threading.current_thread())
+        return self.inner.encode(text, add_special_tokens=add_special_tokens)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _OneTokenEngine:
+    """Enough of vLLM's AsyncLLM for a VllmModel: every request gets one token."""
+
+    errored = False
+    renderer = None
+
+    def __init__(self) -> None:
+        self.prompts: list[list[int]] = []
+        self.sampling: list[Any] = []
+
+    async def generate(self, prompt: dict[str, Any], sampling: Any, request_id: str) -> Any:
+        from types import SimpleNamespace
+
+        self.prompts.append(prompt["prompt_token_ids"])
+        self.sampling.append(sampling)
+        out = SimpleNamespace(index=0, text="x", token_ids=[5], finish_reason="length", stop_reason=None)
+        yield SimpleNamespace(outputs=[out], finished=True)
+
+
+def test_prompts_are_tokenized_once_off_the_event_loop(llm_repo: Path, tokenizer: Any) -> None:
+    """The routes count a prompt's tokens, then generate it: it is tokenized once; generation and
+    V2 inference tokenize on a worker thread; a text far too long for the model is refused
+    without tokenizing it; values vLLM's sampling parameters refuse are a 400."""
+    import numpy as np
+
+    from mmserver.generation import GenerationRequest, InvalidParameter, SamplingParams, generate_all
+    from mmserver.runtime import Placement
+    from mmserver.spec import ModelConfig, ModelSpec
+    from mmserver.types import InferInput, InferRequest
+    from mmserver_vllm.engine import VllmModel
+    from mmserver_vllm.options import Options
+
+    spec = ModelSpec("llm-a", "1", llm_repo / "llm-a", "vllm", ModelConfig(), "detected")
+    options = Options.parse(spec.path, "cpu", {}, None)
+    counting, engine = _CountingTokenizer(tokenizer), _OneTokenEngine()
+    model = VllmModel(engine, [], counting, 16, options, spec, Placement())  # type: ignore[arg-type]
+    ids = tokenizer.encode(PROMPT)
+
+    async def requests() -> None:
+        loop_thread = threading.current_thread()
+        assert model.count_tokens(PROMPT) == len(ids)
+        await generate_all(model, GenerationRequest(PROMPT, SamplingParams(max_tokens=1)))
+        assert len(counting.threads) == 1 and engine.prompts == [ids]
+        counting.threads.clear()
+        await generate_all(model, GenerationRequest(PROMPT, SamplingParams(max_tokens=1)))
+        text = np.array([PROMPT.encode(), b"hi"], dtype=object)
+        request = InferRequest([InferInput("text_input", "BYTES", text)], parameters={"max_tokens": 1})
+        model.validate(request)
+        await model.infer([request])
+        assert len(counting.threads) == 3 and loop_thread not in counting.threads
+        assert engine.prompts[-1] == tokenizer.encode("hi")
+        with pytest.raises(InvalidParameter, match="refused the sampling parameters: min_tokens"):
+            model._sampling(SamplingParams(min_tokens=9), 4)
+
+    asyncio.run(requests())
+    counting.threads.clear()
+    with pytest.raises(InvalidParameter, match=r"characters; this model takes at most 4096 tokens") as caught:
+        model.count_tokens("a" * (4096 * 16 * 2 + 1))
+    assert caught.value.param == "prompt" and not counting.threads
+
+
 # ----------------------------------------------------------------------------- serving
 
 
@@ -215,8 +391,9 @@ def test_v2_infer_text_input_to_text_output(llm_server: RunningServer) -> None:
     assert response.status_code == 200, response.text
     output = response.json()["outputs"][0]
     assert (output["name"], output["datatype"], output["shape"]) == ("text_output", "BYTES", [2])
-    again = v2_text(llm_server, "llm-a", [PROMPT, "hi"], max_tokens=10, temperature=0).json()["outputs"][0]
-    assert again["data"] == output["data"]  # greedy decoding is deterministic
+    # greedy decoding is deterministic; tritonclient's priority (no sampling parameter) is no error
+    again = v2_text(llm_server, "llm-a", [PROMPT, "hi"], max_tokens=10, temperature=0, priority=1).json()["outputs"][0]
+    assert again["data"] == output["data"]
     # the same generation through Triton's generate extension
     generated = post(llm_server, "/v2/models/llm-a/generate",
                      {"text_input": PROMPT, "parameters": {"max_tokens": 10, "temperature": 0}}).json()
@@ -370,6 +547,9 @@ def test_sampling_with_seed_and_n(llm_server: RunningServer) -> None:
     ({"model": "llm-a", "prompt": "x", "logprobs": 3}, "logprobs"),
     ({"model": "llm-a", "prompt": 3}, "prompt"),
     ({"model": "llm-b", "prompt": "x", "max_tokens": 1000}, "max_tokens"),
+    ({"model": "llm-a", "prompt": "x", "max_tokens": 5, "min_tokens": 20}, "min_tokens"),
+    ({"model": "llm-a", "prompt": "x", "max_tokens": 5, "min_tokens": 20, "stream": True}, "min_tokens"),
+    ({"model": "llm-b", "prompt": "x", "min_tokens": 1000}, "min_tokens"),  # beyond what the prompt leaves
     ({"prompt": "x"}, "model"),
 ])
 def test_bad_openai_parameters_get_400_with_an_openai_error(llm_server: RunningServer, body: dict,
@@ -407,11 +587,29 @@ def test_openai_errors_through_the_client(llm_server: RunningServer) -> None:
     ("/v2/models/llm-a/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
                                             "data": ["x"]}], "parameters": {"max_tokens": 5000}}),
     ("/v2/models/llm-a/infer", {"inputs": [{"name": "ids", "shape": [1], "datatype": "INT64", "data": [1]}]}),
+    ("/v2/models/llm-a/generate", {"text_input": "x", "max_tokens": 5, "min_tokens": 20}),
+    ("/v2/models/llm-a/generate_stream", {"text_input": "x", "max_tokens": 5, "min_tokens": 20}),
+    ("/v2/models/llm-b/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                            "data": ["x"]}], "parameters": {"min_tokens": 50}}),  # above its 12
+    ("/v2/models/llm-a/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                            "data": ["x"]}], "parameters": {"max_lenght": 5}}),  # a typo
 ])
 def test_bad_v2_parameters_get_400_with_a_v2_error(llm_server: RunningServer, path: str, body: dict) -> None:
     response = post(llm_server, path, body)
     assert response.status_code == 400, response.text
     assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+
+
+def test_a_prompt_far_too_long_is_refused_untokenized(llm_server: RunningServer) -> None:
+    """3.4 MB of text, far beyond llm-a's 4096 tokens: refused without tokenizing it (which
+    took seconds, with every other request waiting)."""
+    prompt = PROMPT * 100_000
+    completion = post(llm_server, "/v1/completions", {"model": "llm-a", "prompt": prompt, "max_tokens": 1})
+    assert completion.status_code == 400, completion.text
+    error = completion.json()["error"]
+    assert error["param"] == "prompt" and "characters" in error["message"] and "4096" in error["message"]
+    inferred = v2_text(llm_server, "llm-a", [prompt])
+    assert inferred.status_code == 400 and "characters" in inferred.json()["error"], inferred.text
 
 
 # ----------------------------------------------------------------------------- disconnects and metrics
@@ -474,6 +672,7 @@ def test_vllm_metrics_are_kept_per_model(llm_server: RunningServer) -> None:
         labels = {"model_name": name, "model_version": "1"}
         assert metric(llm_server, "vllm:prompt_tokens_total", **labels) > 0
         assert metric(llm_server, "vllm:kv_cache_usage_perc", **labels) is not None
+        assert metric(llm_server, "vllm:cache_config_info", **labels) == 1.0  # registered once started
         assert metric(llm_server, "mmserver_inference_requests_total", outcome="success", **labels) > 0
     text = httpx.get(llm_server.url + "/metrics").text
     assert text.count("# HELP vllm:num_requests_running ") == 1  # one family, a series per model

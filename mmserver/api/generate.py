@@ -33,6 +33,7 @@ from ..entry import ModelEntry
 from ..errors import ClientDisconnected, InferenceError, InferenceTimeout, InvalidInput, MMServerError, ModelNotReady
 from ..generation import (
     SAMPLING_KEYS,
+    V2_ALIASES,
     GenerationRequest,
     InvalidParameter,
     TextGenerator,
@@ -48,8 +49,6 @@ from .http import JSON, read_body
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: V2 spellings of sampling parameters (the transformers runtime's)
-V2_ALIASES = {"max_new_tokens": "max_tokens"}
 #: flags of Triton's vLLM backend that change nothing here (the input is never echoed)
 TRITON_FLAGS = frozenset({"exclude_input_in_output", "stream", "return_finish_reason",
                           "return_num_input_tokens", "return_num_output_tokens"})

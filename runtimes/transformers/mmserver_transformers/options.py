@@ -15,12 +15,7 @@ from typing import Any
 
 from mmserver.checkpoint import config_dtype
 from mmserver.errors import ModelLoadError
-from mmserver.generation import (
-    SAMPLING_KEYS,
-    InvalidParameter,
-    SamplingParams,
-    parse_sampling,
-)
+from mmserver.generation import V2_ALIASES, InvalidParameter, SamplingParams, parse_v2_sampling
 
 log = logging.getLogger("mmserver_transformers")
 
@@ -130,15 +125,8 @@ class Options:
         return cls(task_of(config, parameters), threads, pooling=pooling, max_new_tokens=max_new, **flags)
 
 
-#: V2 spellings of the transformers runtime's own (``max_new_tokens``), as the generate route takes them
-V2_ALIASES = {"max_new_tokens": "max_tokens"}
-#: request parameters of V2 inference that the server reads itself (deadline, binary outputs) or
-#: that Triton's clients send for features this server does not have (priorities, sequences):
-#: they are no sampling parameters, so they are not refused
-PROTOCOL_PARAMETERS = frozenset({"timeout", "binary_data_output", "priority", "sequence_id",
-                                 "sequence_start", "sequence_end"})
 #: what V2 inference on a generation model takes besides the sampling parameters and their aliases
-V2_GENERATION_FLAGS = frozenset({"do_sample", "truncation"})
+V2_GENERATION_FLAGS = frozenset({"truncation"})
 
 
 def check_supported(params: SamplingParams) -> None:
@@ -152,33 +140,17 @@ def check_supported(params: SamplingParams) -> None:
 
 
 def v2_sampling(parameters: Mapping[str, Any], defaults: Mapping[str, Any], limit: int | None) -> SamplingParams:
-    """The sampling parameters of a V2 inference request on a generation model, validated as the
-    generate route validates them (``parse_sampling``, ``defaults`` for what the request leaves
-    out), plus ``do_sample``: false is greedy whatever the temperature, true samples (at
-    temperature 1 unless one is given). Any other parameter is refused (``InvalidParameter``).
-    Greedy parameters leave out the sampling-only settings, so that these do not split batches."""
-    takes = {*SAMPLING_KEYS, *V2_ALIASES, *V2_GENERATION_FLAGS}
-    unknown = sorted(set(parameters) - takes - PROTOCOL_PARAMETERS)
-    if unknown:
-        raise InvalidParameter(f"unknown parameter '{unknown[0]}'; a generation model takes "
-                               f"{', '.join(sorted(takes))}", unknown[0])
-    values = dict(parameters)
-    do_sample = values.pop("do_sample", None)
-    if do_sample is not None and type(do_sample) is not bool:
-        raise InvalidParameter(f"parameter 'do_sample' is {do_sample!r}; expected true or false", "do_sample")
-    if do_sample and values.get("temperature") is None:
-        values["temperature"] = 1.0
-    params = parse_sampling(values, aliases=V2_ALIASES, defaults=defaults)
-    if do_sample and params.greedy:
-        raise InvalidParameter("parameter 'do_sample' is true but temperature is 0 (greedy)", "do_sample")
-    if params.n != 1:
-        raise InvalidParameter("parameter 'n' must be 1 on V2 inference (one text_output per text)", "n")
+    """The sampling parameters of a V2 inference request on a generation model
+    (``parse_v2_sampling``), refusing what ``model.generate`` cannot do and a ``max_tokens`` the
+    model's ``limit`` of positions cannot hold. Greedy parameters leave out the sampling-only
+    settings, so that these do not split batches."""
+    params = parse_v2_sampling(parameters, defaults, V2_GENERATION_FLAGS)
     check_supported(params)
     if limit is not None and params.max_tokens is not None and params.max_tokens >= limit:
-        name = next((key for key in V2_ALIASES if values.get(key) is not None), "max_tokens")
+        name = next((key for key in V2_ALIASES if parameters.get(key) is not None), "max_tokens")
         raise InvalidParameter(
             f"parameter '{name}' is {params.max_tokens}; the model handles {limit} positions in all, "
             f"prompt included, so at most {limit - 1}", name)
-    if do_sample is False or params.greedy:
+    if params.greedy:
         return replace(params, temperature=0.0, top_p=1.0, top_k=0, seed=None)
     return params

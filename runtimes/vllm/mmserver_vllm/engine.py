@@ -50,7 +50,7 @@ from mmserver.generation import (  # noqa: E402
     TextGenerator,
     check_room,
     generate_all,
-    parse_sampling,
+    parse_v2_sampling,
 )
 from mmserver.runtime import BatchingMode, LoadedModel, Placement, run_sync  # noqa: E402
 from mmserver.spec import ModelSpec  # noqa: E402
@@ -72,11 +72,18 @@ log = logging.getLogger("mmserver_vllm")
 TEXT_INPUTS = ("text_input", "text", "prompt")
 TEXT_OUTPUT = "text_output"
 #: V2 parameter spellings of the transformers runtime, accepted here too
-V2_ALIASES = {"max_new_tokens": "max_tokens"}
 SHUTDOWN_TIMEOUT_S = 10.0
 KILL_WAIT_S = 3.0
+#: how long a cancelled load waits for its engine's start to end before it kills the engine's processes
+ABANDONED_START_WAIT_S = 60.0
 WATCH_INTERVAL_S = 0.5
 HEARTBEAT_S = 10.0
+#: a text prompt with more characters than max_model_len times this many times its vocabulary's
+#: longest token is refused untokenized (normalizers and pre-tokenizers may drop characters)
+PROMPT_CHARS_MARGIN = 2
+#: token ids that ``count_tokens`` keeps for the ``generate`` call of the same prompt (a few:
+#: the requests between the two; a miss only costs tokenizing again)
+COUNTED_KEEP = 16
 
 if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
     log.warning("VLLM_CPU_KVCACHE_SPACE is set: it silently overrides every model's kv_cache_memory_bytes")
@@ -98,12 +105,24 @@ class _CapturedPrometheus(PrometheusStatLogger):
     logger goes on updating them, and ``collect_metrics`` exports them per model."""
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+        self.collectors: list[Any] = []
         with _PROMETHEUS_LOCK:
             super().__init__(vllm_config, engine_indexes)
-            self.collectors = [c for c in list(REGISTRY._collector_to_names)  # noqa: SLF001
-                               if str(getattr(c, "_name", "")).startswith("vllm:")]
-            for collector in self.collectors:
-                REGISTRY.unregister(collector)
+            self._capture()
+
+    def log_engine_initialized(self) -> None:
+        """vLLM registers ``vllm:cache_config_info`` here, once the engine has started."""
+        with _PROMETHEUS_LOCK:
+            super().log_engine_initialized()
+            self._capture()
+
+    def _capture(self) -> None:
+        """Move the ``vllm:`` collectors just registered into this engine's (under the lock)."""
+        found = [c for c in list(REGISTRY._collector_to_names)  # noqa: SLF001
+                 if str(getattr(c, "_name", "")).startswith("vllm:")]
+        for collector in found:
+            REGISTRY.unregister(collector)
+        self.collectors.extend(found)
 
 
 def collect_metrics() -> Iterable[Metric]:
@@ -133,16 +152,15 @@ async def load_model(spec: ModelSpec, placement: Placement, declared: int | None
     log.info("model %s: starting a vLLM engine on %s (%s, KV cache %d MiB, max_model_len %d, "
              "max_num_seqs %d%s)", label, placement.device, options.run_dtype, options.kv_cache_bytes >> 20,
              options.max_model_len, options.max_num_seqs, ", eager" if options.enforce_eager else "")
-    loop = asyncio.get_running_loop()
-    starting = loop.run_in_executor(None, _start_engine, args, placement, label)
+    start = _EngineStart(args, placement, label)
     try:
-        engine, processes = await asyncio.shield(starting)
-    except asyncio.CancelledError:  # a load timeout: the engine must not outlive the abandoned load
-        starting.add_done_callback(_shut_down_late_engine)
+        engine, processes = await run_sync(start.run)
+    except asyncio.CancelledError:  # a load timeout or the server stopping: the engine must not outlive it
+        await run_sync(start.abandon)
         raise
     try:
-        tokenizer = await run_sync(_load_tokenizer, spec)
-        model = VllmModel(engine, processes, tokenizer, options, spec, placement)
+        tokenizer, longest = await run_sync(_load_tokenizer, spec)
+        model = VllmModel(engine, processes, tokenizer, longest, options, spec, placement)
     except BaseException:
         await run_sync(_shutdown, engine, processes, label)
         raise
@@ -180,36 +198,85 @@ def _engine_args(spec: ModelSpec, options: Options) -> AsyncEngineArgs:
         raise ModelLoadError(f"vLLM does not take these engine arguments: {exc}") from None
 
 
-def _start_engine(args: AsyncEngineArgs, placement: Placement, label: str) -> tuple[AsyncLLM, list[Any]]:
-    """Create the engine (runs on a worker thread) and record its processes."""
-    started = time.monotonic()
-    done = threading.Event()
+class _EngineStart:
+    """One engine's start (``run``, on a worker thread), and the end of what it started when the
+    load that waits for it is cancelled (``abandon``): whoever awaits the cancelled load knows
+    that no process of the engine is left."""
 
-    def heartbeat() -> None:
-        while not done.wait(HEARTBEAT_S):
-            log.info("model %s: vLLM engine still starting after %.0f s", label, time.monotonic() - started)
+    def __init__(self, args: AsyncEngineArgs, placement: Placement, label: str) -> None:
+        self.args, self.placement, self.label = args, placement, label
+        self._config: Any = None  # the VllmConfig that vLLM starts the engine core processes with
+        self._result: tuple[AsyncLLM, list[Any]] | None = None  # a start that ended before the cancel
+        self._running = self._abandoned = False
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
 
-    threading.Thread(target=heartbeat, name=f"starting {label}", daemon=True).start()
-    try:
-        with _visible_gpu(placement):
-            config = args.create_engine_config()
-            engine = AsyncLLM.from_vllm_config(config, stat_loggers=[_CapturedPrometheus],
-                                               disable_log_stats=False)
-    except Exception as exc:
-        raise ModelLoadError(f"the vLLM engine did not start: {type(exc).__name__}: {exc}") from exc
-    finally:
-        done.set()
-    processes = _engine_processes(engine)
-    log.info("model %s: vLLM engine ready in %.1f s (processes %s)", label, time.monotonic() - started,
-             ", ".join(str(p.pid) for p in processes) or "none")
-    return engine, processes
+    def run(self) -> tuple[AsyncLLM, list[Any]]:
+        """Create the engine and record its processes; an engine that starts once its load was
+        abandoned is shut down here."""
+        with self._lock:
+            if self._abandoned:  # cancelled before this thread began
+                raise ModelLoadError(f"model {self.label}: the load was cancelled")
+            self._running = True
+        try:
+            result = self._start()
+            with self._lock:
+                abandoned = self._abandoned
+                if not abandoned:
+                    self._result = result
+            if abandoned:
+                _shutdown(*result, self.label)
+                raise ModelLoadError(f"model {self.label}: the load was cancelled while its engine started")
+            return result
+        finally:
+            self._ended.set()
 
+    def abandon(self) -> None:
+        """End what the start started, for a cancelled load (on a worker thread): shut down an
+        engine that has started, wait up to ``ABANDONED_START_WAIT_S`` for one that still starts
+        (``run`` shuts it down), and kill the processes of a start that does not end by then."""
+        with self._lock:
+            self._abandoned = True
+            result, self._result = self._result, None
+        if result is not None:
+            _shutdown(*result, self.label)
+        elif self._running and not self._ended.wait(ABANDONED_START_WAIT_S):
+            log.warning("model %s: the vLLM engine of a cancelled load is still starting after %.0f s; "
+                        "killing its processes", self.label, ABANDONED_START_WAIT_S)
+            _end_processes(self._started_processes(), self.label, 0.0)
 
-def _shut_down_late_engine(future: asyncio.Future[Any]) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    engine, processes = future.result()
-    threading.Thread(target=_shutdown, args=(engine, processes, "abandoned load"), daemon=True).start()
+    def _start(self) -> tuple[AsyncLLM, list[Any]]:
+        started = time.monotonic()
+        done = threading.Event()
+
+        def heartbeat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                log.info("model %s: vLLM engine still starting after %.0f s", self.label, time.monotonic() - started)
+
+        threading.Thread(target=heartbeat, name=f"starting {self.label}", daemon=True).start()
+        try:
+            with _visible_gpu(self.placement):
+                self._config = self.args.create_engine_config()
+                engine = AsyncLLM.from_vllm_config(self._config, stat_loggers=[_CapturedPrometheus],
+                                                   disable_log_stats=False)
+        except Exception as exc:
+            raise ModelLoadError(f"the vLLM engine did not start: {type(exc).__name__}: {exc}") from exc
+        finally:
+            done.set()
+        processes = _engine_processes(engine)
+        log.info("model %s: vLLM engine ready in %.1f s (processes %s)", self.label, time.monotonic() - started,
+                 ", ".join(str(p.pid) for p in processes) or "none")
+        return engine, processes
+
+    def _started_processes(self) -> list[Any]:
+        """The processes of the engine while it starts: vLLM's engine core client, still under
+        construction, holds our config and, once they run, the engine core processes."""
+        if self._config is not None:
+            for holder in gc.get_referrers(self._config):  # the client, or its attributes' dict
+                attributes = holder if isinstance(holder, dict) else getattr(holder, "__dict__", None)
+                if isinstance(attributes, dict) and (found := _core_processes(attributes.get("resources"))):
+                    return found
+        return []
 
 
 _GPU_ENV_LOCK = threading.Lock()
@@ -259,7 +326,12 @@ def _gpu_total(device: str) -> int | None:
 def _engine_processes(engine: AsyncLLM) -> list[Any]:
     """The engine's processes: vLLM's engine core processes (multiprocessing objects) and every
     process below them (its workers), as psutil objects."""
-    resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+    return _core_processes(getattr(getattr(engine, "engine_core", None), "resources", None))
+
+
+def _core_processes(resources: Any) -> list[Any]:
+    """The engine core processes that an engine core client's ``resources`` record, and every
+    process below them."""
     manager = getattr(resources, "engine_manager", None)
     cores = list(getattr(manager, "processes", []) or [])
     found: list[Any] = list(cores)
@@ -291,7 +363,15 @@ def _shutdown(engine: AsyncLLM, processes: list[Any], label: str) -> None:
             engine.shutdown()
     except Exception as exc:  # noqa: BLE001 - the processes are ended below anyway
         log.warning("model %s: vLLM engine shutdown raised %s: %s", label, type(exc).__name__, exc)
-    deadline = time.monotonic() + KILL_WAIT_S
+    _end_processes(processes, label, KILL_WAIT_S)
+    gc.collect()
+    log.info("model %s: vLLM engine shut down in %.1f s", label, time.monotonic() - started)
+
+
+def _end_processes(processes: list[Any], label: str, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for the processes to exit, then kill those that have not; reaps
+    them all (no zombie remains)."""
+    deadline = time.monotonic() + grace_s
     for process in processes:
         if isinstance(process, psutil.Process):
             try:
@@ -311,19 +391,19 @@ def _shutdown(engine: AsyncLLM, processes: list[Any], label: str) -> None:
                 log.warning("model %s: killing engine process %d", label, process.pid)
                 process.kill()
                 process.join(KILL_WAIT_S)
-    gc.collect()
-    log.info("model %s: vLLM engine shut down in %.1f s", label, time.monotonic() - started)
 
 
-def _load_tokenizer(spec: ModelSpec) -> Any:
-    """A tokenizer of our own (chat templates, token counts on the event loop), apart from the
-    engine's, which vLLM uses from its own threads."""
+def _load_tokenizer(spec: ModelSpec) -> tuple[Any, int]:
+    """A tokenizer of our own (chat templates, token counts), apart from the engine's, which vLLM
+    uses from its own threads; and the most characters one of its tokens spells (byte-level
+    vocabularies spell a byte a character: an upper bound on the characters a token stands for)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(spec.artifact), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(spec.artifact), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer in {spec.artifact}: {exc}") from None
+    return tokenizer, max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -334,8 +414,8 @@ class VllmModel(LoadedModel, TextGenerator):
 
     batching = BatchingMode.INTERNAL  # continuous batching in the engine; the server caps concurrency
 
-    def __init__(self, engine: AsyncLLM, processes: list[Any], tokenizer: Any, options: Options,
-                 spec: ModelSpec, placement: Placement) -> None:
+    def __init__(self, engine: AsyncLLM, processes: list[Any], tokenizer: Any, longest_token: int,
+                 options: Options, spec: ModelSpec, placement: Placement) -> None:
         self.engine: AsyncLLM | None = engine
         self.processes = processes
         self.tokenizer = tokenizer
@@ -353,6 +433,9 @@ class VllmModel(LoadedModel, TextGenerator):
         # vLLM may shorten max_model_len to what the KV cache holds
         config = getattr(engine, "model_config", None)
         self._max_len = int(getattr(config, "max_model_len", 0) or options.max_model_len)
+        self._max_chars = self._max_len * longest_token * PROMPT_CHARS_MARGIN
+        self._counted: dict[tuple[str, bool], list[int]] = {}  # (text, add_special_tokens) -> ids
+        self._counted_lock = threading.Lock()
         self._memory = self._measure()
 
     # -------------------------------------------------------------- metadata and memory
@@ -401,10 +484,10 @@ class VllmModel(LoadedModel, TextGenerator):
     # -------------------------------------------------------------- V2 inference
 
     def validate(self, request: InferRequest) -> None:
-        self._texts(request)
-        params = self._v2_params(request)
+        """The cheap checks; ``infer`` tokenizes (on a worker thread) and checks the room."""
+        self._v2_params(request)
         for text in self._texts(request):
-            check_room(params, self.count_tokens(text), self._max_len)
+            self._check_length(text)
 
     def rows(self, request: InferRequest) -> int:
         return len(self._texts(request))
@@ -434,16 +517,7 @@ class VllmModel(LoadedModel, TextGenerator):
         return texts
 
     def _v2_params(self, request: InferRequest) -> SamplingParams:
-        values = dict(request.parameters)
-        do_sample = values.pop("do_sample", None)
-        if do_sample is not None and type(do_sample) is not bool:
-            raise InvalidInput(f"parameter 'do_sample' is {do_sample!r}; expected true or false")
-        if do_sample is False:  # the transformers runtime's spelling of greedy decoding
-            values["temperature"] = 0.0
-        params = parse_sampling(values, aliases=V2_ALIASES, defaults=self.generation_defaults)
-        if params.n != 1:
-            raise InvalidInput("parameter 'n' must be 1 on V2 inference (one text_output per text_input)")
-        return params
+        return parse_v2_sampling(request.parameters, self.generation_defaults)
 
     async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
         return [await self._infer_one(request) for request in requests]
@@ -451,8 +525,11 @@ class VllmModel(LoadedModel, TextGenerator):
     async def _infer_one(self, request: InferRequest) -> InferResponse:
         texts = self._texts(request)
         params = self._v2_params(request)
+        prompts = [await run_sync(self._encode, text, True) for text in texts]
+        for ids in prompts:  # every text fits before any runs
+            check_room(params, len(ids), self._max_len)
         results = await asyncio.gather(*(
-            generate_all(self, GenerationRequest(text, params, request.id or "")) for text in texts
+            generate_all(self, GenerationRequest(ids, params, request.id or "")) for ids in prompts
         ))
         array = np.empty(len(texts), dtype=object)
         array[:] = [r[0].text.encode("utf-8") for r in results]
@@ -462,15 +539,44 @@ class VllmModel(LoadedModel, TextGenerator):
     # -------------------------------------------------------------- generation
 
     def count_tokens(self, prompt: str | list[int], add_special_tokens: bool = True) -> int:
+        """Tokenizes a text, and keeps the ids of one that fits for ``generate``."""
         if isinstance(prompt, list):
             return len(prompt)
-        return len(self._encode(prompt, add_special_tokens))
+        ids = self._encode(prompt, add_special_tokens)
+        if len(ids) < self._max_len:
+            with self._counted_lock:
+                self._counted[(prompt, add_special_tokens)] = ids
+                while len(self._counted) > COUNTED_KEEP:
+                    del self._counted[next(iter(self._counted))]
+        return len(ids)
+
+    async def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids: those ``count_tokens`` kept, else tokenized on a worker thread
+        (a long prompt takes seconds); token prompts are checked against the vocabulary."""
+        prompt = request.prompt
+        if isinstance(prompt, list):
+            vocab = getattr(self.tokenizer, "vocab_size", None)
+            size = max(len(self.tokenizer), vocab or 0) if self.tokenizer is not None else 0
+            if any(type(t) is not int or not 0 <= t < size for t in prompt):
+                raise InvalidInput(f"the prompt's token ids must be integers in [0, {size})")
+            return prompt
+        with self._counted_lock:
+            ids = self._counted.pop((prompt, request.add_special_tokens), None)
+        return ids if ids is not None else await run_sync(self._encode, prompt, request.add_special_tokens)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise ModelNotReady(f"model {self.label} is unloaded")
+        self._check_length(text)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _check_length(self, text: str) -> None:
+        """Refuse, untokenized, a text with more characters than the model's tokens can spell."""
+        if len(text) > self._max_chars:
+            raise InvalidParameter(
+                f"the prompt has {len(text)} characters; this model takes at most {self._max_len} tokens in "
+                f"all, which spell at most {self._max_chars} characters", "prompt")
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         tokenizer = self.tokenizer
@@ -486,23 +592,11 @@ class VllmModel(LoadedModel, TextGenerator):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         engine = self._awake_engine()
         params = request.params
-        ids = request.prompt if isinstance(request.prompt, list) else \
-            self._encode(request.prompt, request.add_special_tokens)
-        if isinstance(request.prompt, list):
-            vocab = getattr(self.tokenizer, "vocab_size", None)
-            size = max(len(self.tokenizer), vocab or 0) if self.tokenizer is not None else 0
-            if any(type(t) is not int or not 0 <= t < size for t in ids):
-                raise InvalidInput(f"the prompt's token ids must be integers in [0, {size})")
+        ids = await self._prompt_ids(request)
         max_tokens = check_room(params, len(ids), self._max_len)
         if params.n > 1 and params.greedy:
             raise InvalidParameter("n > 1 needs sampling (temperature above 0): greedy sequences are all alike", "n")
-        sampling = VllmSamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            seed=params.seed, stop=list(params.stop) or None, max_tokens=max_tokens,
-            ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
-            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty, output_kind=RequestOutputKind.DELTA,
-        )
+        sampling = self._sampling(params, max_tokens)
         request_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:16]}"
         prompt = await self._engine_input(engine, ids)
         counts = [0] * params.n
@@ -538,6 +632,20 @@ class VllmModel(LoadedModel, TextGenerator):
                     await engine.abort(request_id)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+
+    def _sampling(self, params: SamplingParams, max_tokens: int | None) -> VllmSamplingParams:
+        """vLLM's sampling parameters; values that vLLM refuses are a 400."""
+        try:
+            return VllmSamplingParams(
+                n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                seed=params.seed, stop=list(params.stop) or None, max_tokens=max_tokens,
+                ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty, output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise InvalidParameter(f"model {self.label} refused the sampling parameters: {exc}",
+                                   getattr(exc, "parameter", None)) from None
 
     def _awake_engine(self) -> AsyncLLM:
         engine = self.engine
@@ -650,4 +758,5 @@ class VllmModel(LoadedModel, TextGenerator):
         _LIVE.pop(id(self), None)
         await run_sync(_shutdown, engine, self.processes, self.label)
         self.tokenizer = None
+        self._counted.clear()
         self._memory = {}

@@ -198,7 +198,16 @@ class Options:
         for name, value in (("enforce_eager", eager), ("trust_remote_code", flag)):
             if type(value) is not bool:
                 raise ModelLoadError(f"parameters.{name} is {value!r}; expected true or false")
+        if per_token * max_len > kv:
+            raise ModelLoadError(
+                f"max_model_len {max_len} needs {per_token * max_len} bytes of KV cache for one sequence "
+                f"({per_token} a token), but the KV cache has {kv} (kv_cache_memory_bytes); raise "
+                f"parameters.kv_cache_memory_bytes or lower parameters.max_model_len")
         max_tokens = _positive_int("max_tokens", parameters.get("max_tokens", DEFAULT_MAX_TOKENS))
+        if max_tokens >= max_len:
+            raise ModelLoadError(
+                f"parameters.max_tokens {max_tokens} (the output length of V2 requests that do not set "
+                f"it) leaves no room for a prompt within max_model_len {max_len}; lower it")
         temperature = parameters.get("temperature", 1.0)
         if type(temperature) not in (int, float) or not 0 <= temperature <= 2:
             raise ModelLoadError(f"parameters.temperature is {temperature!r}; expected a number in [0, 2]")
