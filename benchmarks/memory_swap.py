@@ -143,6 +143,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=9)
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here (default: a temporary folder)")
     args = parser.parse_args()
     from memory_judge import DeviceSampler, NvmlReader, cuda_context_bytes, ledger_bytes
     from mmserver_transformers.estimate import estimate_memory
@@ -162,8 +163,8 @@ def main() -> int:
         bare = bare_load_seconds(repo / "m0" / "1", args.device)
         baseline = NvmlReader()() if on_gpu else 0
         flag = "--gpu-memory-budget" if on_gpu else "--host-memory-budget"
-        server, url = start_server(repo, Path(tmp) / "server.log", [flag, str(budget), "--log-level", "info"],
-                                   timeout_s=120)
+        log = args.server_log or Path(tmp) / "server.log"
+        server, url = start_server(repo, log, [flag, str(budget), "--log-level", "info"], timeout_s=120)
         try:
             print(f"{args.models} models of {weights / 2**20:.0f} MiB weights on {args.device}; budget "
                   f"{budget / 2**20:.0f} MiB ({fitting} fit; CUDA context {overhead / 2**20:.0f} MiB)")
@@ -220,7 +221,7 @@ def main() -> int:
                   f"{evictions:.0f} evictions; peak memory above baseline {sampler.peak / 2**20:.0f} MiB of a "
                   f"{budget / 2**20:.0f} MiB budget ({'within' if sampler.peak <= budget else 'OVER'})")
             if on_gpu:
-                print(host_tier_timings((Path(tmp) / "server.log").read_text()))
+                print(host_tier_timings(log.read_text()))
 
             # 3. back where it was before the stream, once every model is unloaded again
             left = idle_footprint()[0] - first_idle

@@ -31,7 +31,12 @@ def start_server(
     env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Serve ``repo`` on a free port (its output in ``log``) and wait until ``ready_path``
-    answers 200; returns the process and its base URL."""
+    answers 200; returns the process and its base URL. The server runs in a session of its own,
+    so a ``timeout`` that ends the benchmark does not reach it: SIGTERM then exits the benchmark
+    through its ``finally`` blocks (which stop the server) instead of leaving it running."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    log.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(

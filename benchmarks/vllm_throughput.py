@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens generated per request")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16], help="concurrent requests")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here (default: a temporary folder)")
     args = parser.parse_args()
     for key, value in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
         os.environ.setdefault(key, value)
@@ -169,7 +170,7 @@ def main() -> None:
         print(f"model {args.model or 'tiny random Llama'}; {args.tokens} tokens per request; "
               f"median of {args.rounds} rounds", flush=True)
 
-        log = Path(tmp) / "server.log"
+        log = args.server_log or Path(tmp) / "server.log"
         process, url = start_server(repo, log, ready_path="/v2/models/bench/ready", timeout_s=300)
         try:
             results = run(measure(model, url, args.streams, args.tokens, args.rounds))

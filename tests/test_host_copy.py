@@ -181,3 +181,18 @@ def test_on_a_gpu_a_module_parks_in_page_locked_memory_and_comes_back_with_ties_
     assert all(t.device.type == "cuda" for t in tensors)
     assert module.alias.data_ptr() == module.embed.weight.data_ptr()
     assert torch.equal(module(ids), expected)
+
+
+def test_emptying_the_gpu_caches_frees_the_cublas_workspaces_first():
+    # stands in for torch: records the calls that give cached GPU memory back (no GPU here)
+    from types import SimpleNamespace
+
+    from mmserver_transformers.gpu_cache import empty_gpu_caches
+
+    calls: list[str] = []
+    stand_in = SimpleNamespace(_C=SimpleNamespace(_cuda_clearCublasWorkspaces=lambda: calls.append("workspaces")),
+                               cuda=SimpleNamespace(empty_cache=lambda: calls.append("cache")))
+    empty_gpu_caches(stand_in)
+    assert calls == ["workspaces", "cache"]
+    empty_gpu_caches(SimpleNamespace(_C=SimpleNamespace(), cuda=stand_in.cuda))  # a torch without the hook
+    assert calls == ["workspaces", "cache", "cache"]

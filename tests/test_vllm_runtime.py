@@ -183,6 +183,16 @@ def test_a_running_engine_is_charged_what_its_processes_hold(llm_repo: Path) -> 
     assert deep.measured(10, asleep=True) == {"cuda:0": GPU_ENGINE_OVERHEAD, "cpu": 10}
 
 
+def test_without_flashinfer_vllms_sampler_is_told_not_to_import_it() -> None:
+    # vLLM's sampler imports FlashInfer on CUDA by default; not installed, every engine would fail
+    import os
+
+    import mmserver_vllm.engine  # noqa: F401  (sets it on import)
+
+    expected = None if find_spec("flashinfer") else "0"
+    assert os.environ.get("VLLM_USE_FLASHINFER_SAMPLER") == expected
+
+
 def test_engine_options_that_no_request_could_use_are_refused(llm_repo: Path) -> None:
     from mmserver.errors import ModelLoadError
     from mmserver_vllm.options import Options

@@ -2,11 +2,12 @@
 # The GPU checks of the memory manager and the transformers runtime, in one run on the lent
 # machine (the `device` tool), after benchmarks/device/wheels.sh has filled .whl/ here:
 #
-#   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=600)
 #
-# (with vLLM's first part too, carry=[".whl", ".vllm/1"]: see vllm_wheels.py). Steps, logs under
-# $OUT, each step's exit status in $OUT/summary.txt, sized to end in about 6 minutes:
-#   1. the machine: nvidia-smi, torch and NVML versions;
+# (after vllm_check.sh, which needs the machine warm across its carry runs: see the README's
+# "On a lent GPU"). Steps, logs under $OUT, each step's exit status in $OUT/summary.txt, the
+# servers' logs in $OUT/server-logs.tgz, sized to end within 570 s; exits non-zero if a step failed:
+#   1. the machine: nvidia-smi, torch, NVML and pydantic versions, CUDA/vLLM environment, pip check;
 #   2. the GPU tests: fp16 placement and measured sizes, offload/restore through page-locked
 #      host memory (and its buffer alone), and the memory scenario through HTTP with NVML as the
 #      judge (pytest -m gpu);
@@ -22,10 +23,10 @@ cd "$(dirname "$0")/../.."
 if ls .whl/*.whl > /dev/null 2>&1; then
   install_wheels .whl/*.whl
 fi
-step machine 60 bash -c 'nvidia-smi; python3 -c "import torch, pynvml, transformers; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, pynvml.__name__)"'
-step gpu-tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra -s" \
-  tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
-step host-tier 120 python3 benchmarks/host_tier.py --mib 1024
+step machine 60 machine
+step gpu-tests 180 pytest_gpu tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
+step host-tier 90 python3 benchmarks/host_tier.py --mib 1024
 # shellcheck disable=SC2086  # the arguments are meant to split
-step memory-swap 300 python3 benchmarks/memory_swap.py ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 9 --minutes 2}
-cat "$summary"
+step memory-swap 240 python3 benchmarks/memory_swap.py --server-log /tmp/pt/memory-swap/server.log \
+  ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 6 --minutes 1.5}
+finish

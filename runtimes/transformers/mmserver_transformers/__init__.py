@@ -19,6 +19,7 @@ from mmserver.runtime import IMPORT_LOCK, Placement, Runtime, run_sync
 from mmserver.spec import ModelSpec
 
 from .estimate import estimate_memory
+from .gpu_cache import empty_gpu_caches
 from .options import GENERATION, task_of
 
 __all__ = ["TransformersRuntime", "estimate_memory"]
@@ -54,7 +55,7 @@ class TransformersRuntime(Runtime):
             return
         gc.collect()  # tensors that only reference cycles still hold
         with torch.cuda.device(torch.device(device)):
-            torch.cuda.empty_cache()
+            empty_gpu_caches(torch)
             torch.cuda.ipc_collect()
 
     def generates_text(self, spec: ModelSpec) -> bool:

@@ -18,6 +18,7 @@ the CPU tests exercise the same code that moves a model between a GPU and host m
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -168,4 +169,16 @@ def _page_lock(buffer: torch.Tensor) -> bool:
 def _check(status: object, call: str) -> None:
     code = int(status)  # type: ignore[call-overload]
     if code != 0:
+        _clear_last_cuda_error()
         raise RuntimeError(f"{call} failed with CUDA error {code}")
+
+
+def _clear_last_cuda_error() -> None:
+    """A failed CUDA runtime call also leaves its error as this thread's last error, which the
+    check after torch's next kernel launch would raise for a kernel that did nothing wrong: read
+    it off (``cudaGetLastError``, from the CUDA runtime torch loaded, found by its soname)."""
+    major = (torch.version.cuda or "").split(".")[0]
+    try:
+        ctypes.CDLL(f"libcudart.so.{major}").cudaGetLastError()
+    except (OSError, AttributeError):  # no such runtime loaded: nothing to clear
+        pass

@@ -41,6 +41,7 @@ from mmserver.spec import ModelSpec
 from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
 
 from .estimate import activation_allowance
+from .gpu_cache import empty_gpu_caches
 from .host_copy import HostCopy, park, release_later, unpark
 from .options import (
     CLASSIFICATION,
@@ -679,7 +680,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             started = time.perf_counter()
             host = self._host = park(list(self._tensors()), page_lock=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            empty_gpu_caches(torch)
             self._offloaded = True
             self._memory = self._measure()
             log.info("model %s: offloaded to %s host memory (%s) in %.3f s", self.label,
@@ -736,7 +737,7 @@ class TransformersModel(LoadedModel, TextGenerator):
             self._memory = {}
         gc.collect()
         if self._gpu and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            empty_gpu_caches(torch)
         log.info("model %s: unloaded", self.label)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import os
 import threading
@@ -23,6 +24,10 @@ from typing import Any
 # Set before vLLM reads them: the engine's processes talk over loopback only, and report nothing.
 for _key, _value in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
     os.environ.setdefault(_key, _value)
+# vLLM's sampler imports FlashInfer on CUDA unless told not to, and FlashInfer is an optional
+# package: without it every engine would fail to start (its own sampler works without)
+if importlib.util.find_spec("flashinfer") is None:
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
