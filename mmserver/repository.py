@@ -170,8 +170,8 @@ class Repository:
         links = [artifact] if artifact.is_symlink() else []
         if artifact.is_dir():
             for parent, dirs, files in os.walk(artifact):  # (links to folders are listed, not entered)
+                links.extend(Path(parent, n) for n in [*dirs, *files])  # hidden ones too: runtimes may read them
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
-                links.extend(Path(parent, n) for n in [*dirs, *files] if not n.startswith("."))
         for link in links:
             if link.is_symlink() and not link.resolve().is_relative_to(self.root):
                 relative = link.relative_to(folder) if link.is_relative_to(folder) else link.name

@@ -594,7 +594,8 @@ def test_symlinked_version_folder_outside_the_repository(artifacts, repo, repo_r
     assert model.versions == {}
 
 
-@pytest.mark.parametrize("where", ["iris/model.joblib", "iris/1/model.joblib", "iris/1/weights/model.joblib"])
+@pytest.mark.parametrize("where", ["iris/model.joblib", "iris/1/model.joblib", "iris/1/weights/model.joblib",
+                                   "iris/.model.joblib"])  # (the runtimes find hidden model files too)
 def test_a_model_file_linked_out_of_the_repository_is_refused_before_it_is_read(artifacts, repo, repo_root, tmp_path, where):
     # a pickle is code: the link's target would run when the runtime loads it
     outside = tmp_path / "outside" / "model.joblib"
