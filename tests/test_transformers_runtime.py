@@ -13,6 +13,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -820,6 +822,31 @@ def test_a_parameter_the_runtime_refuses_gets_its_400_also_when_streamed(hf_serv
                               json={"text_input": "the cat", "max_tokens": 4, "presence_penalty": 0.5})
         assert response.status_code == 400, (route, response.text)
         assert "presence_penalty" in response.json()["error"]
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(hf_server: Any) -> None:
+    # seconds of tokenizing, then a 400 (far beyond the model's positions); the server answers meanwhile
+    prompt = "the cat sat on the mat " * 300_000
+    for path, body in (("/v1/completions", {"model": "generator", "prompt": prompt, "max_tokens": 2}),
+                       ("/v2/models/generator/generate", {"text_input": prompt, "max_tokens": 2})):
+        result: dict[str, Any] = {}
+
+        def send(path: str = path, body: dict[str, Any] = body) -> None:
+            response = httpx.post(f"{hf_server.url}{path}", json=body, timeout=120)
+            result["status"], result["text"] = response.status_code, response.text[:300]
+
+        request = threading.Thread(target=send)
+        request.start()
+        worst = 0.0
+        with httpx.Client(timeout=60) as client:
+            while request.is_alive():
+                started = time.perf_counter()
+                assert client.get(f"{hf_server.url}/v2/health/live").status_code == 200
+                worst = max(worst, time.perf_counter() - started)
+                time.sleep(0.01)
+        request.join()
+        assert result["status"] == 400 and "tokens" in result["text"], result
+        assert worst < 1.0, f"{path}: /v2/health/live took {worst:.1f} s while the prompt was tokenized"
 
 
 def test_chat_max_tokens_holds_when_max_completion_tokens_is_null(hf_server: Any) -> None:

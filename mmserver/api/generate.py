@@ -30,7 +30,14 @@ from starlette.types import Receive, Scope, Send
 
 from ..codec import encode_json
 from ..entry import ModelEntry
-from ..errors import ClientDisconnected, InferenceError, InferenceTimeout, InvalidInput, MMServerError, ModelNotReady
+from ..errors import (
+    ClientDisconnected,
+    InferenceError,
+    InferenceTimeout,
+    InvalidInput,
+    MMServerError,
+    ModelNotReady,
+)
 from ..generation import (
     SAMPLING_KEYS,
     V2_ALIASES,
@@ -44,6 +51,7 @@ from ..generation import (
 )
 from ..manager import ModelManager
 from ..metrics import outcome_of
+from ..runtime import run_sync
 from .http import JSON, read_body
 
 log = logging.getLogger(__name__)
@@ -308,7 +316,8 @@ async def _generate(request: Request, stream: bool) -> Any:
         sampling = parse_sampling(values, aliases=V2_ALIASES, defaults=generator.generation_defaults)
         if sampling.n != 1:
             raise InvalidParameter("parameter 'n' must be 1 on generate (one text_output)", "n")
-        check_room(sampling, generator.count_tokens(text), generator.max_model_len)
+        # (tokenizing a long prompt would hold up the event loop)
+        check_room(sampling, await run_sync(generator.count_tokens, text), generator.max_model_len)
         job = GenerationRequest(text, sampling, request_id or "")
         head = {"model_name": entry.name, "model_version": entry.version}
         if request_id is not None:

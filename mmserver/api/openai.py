@@ -41,6 +41,7 @@ from ..generation import (
     parse_sampling,
 )
 from ..manager import ModelManager
+from ..runtime import run_sync
 from .generate import (
     answer,
     answer_failure,
@@ -291,8 +292,8 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
         if messages is not None:
             jobs = [GenerationRequest(generator.chat_prompt(messages), job.params, add_special_tokens=False)
                     for job in jobs]
-        for job in jobs:
-            size = generator.count_tokens(job.prompt, job.add_special_tokens)
+        for job in jobs:  # (tokenizing a long prompt would hold up the event loop)
+            size = await run_sync(generator.count_tokens, job.prompt, job.add_special_tokens)
             if isinstance(job.prompt, list) and not job.prompt:
                 raise InvalidParameter("the prompt is empty", "prompt")
             check_room(job.params, size, generator.max_model_len)

@@ -148,8 +148,11 @@ class _Heartbeat:
 
 
 class _TokenCounter:
-    """Counts tokens on the event loop with its own copy of the tokenizer (fast tokenizers refuse
-    to be used from two threads at once while the worker thread encodes a batch)."""
+    """Counts tokens with its own copy of the tokenizer (fast tokenizers refuse to be used from two
+    threads at once while the worker thread encodes a batch; this copy is never changed after it
+    is made, so any number of threads may read it). A fast tokenizer encodes through
+    ``encode_batch``, which lets go of the GIL, so that a long prompt tokenized on a worker
+    thread does not hold up the event loop."""
 
     def __init__(self, tokenizer: Any) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -171,7 +174,7 @@ class _TokenCounter:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._fast is not None:
-            return list(self._fast.encode(text, add_special_tokens=add_special_tokens).ids)
+            return list(self._fast.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._slow(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
