@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 import tracemalloc
 import zlib
 
@@ -13,7 +12,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from v2_helpers import LOCAL, binary_request, body
+from v2_helpers import LOCAL, binary_request, body, live_while
 
 from mmserver.api.http import decompress
 from mmserver.codec import decode_request
@@ -114,20 +113,6 @@ def test_decompress_takes_the_limit_exactly_and_several_gzip_members():
 # ----------------------------------------------------------------------------- large bodies
 
 
-def _live_while(server, request: threading.Thread) -> float:
-    """The longest /v2/health/live took while ``request`` (started here) was in progress."""
-    request.start()
-    worst = 0.0
-    with httpx.Client(timeout=60.0) as client:
-        while request.is_alive():
-            started = time.perf_counter()
-            assert client.get(f"{server.url}/v2/health/live").status_code == 200
-            worst = max(worst, time.perf_counter() - started)
-            time.sleep(0.01)
-    request.join()
-    return worst
-
-
 def test_the_server_answers_while_a_large_body_is_decoded(server):
     """32 MB of JSON UINT64 values, some beyond int64: seconds of decoding, on a worker thread."""
     rows = 700_000
@@ -141,7 +126,7 @@ def test_the_server_answers_while_a_large_body_is_decoded(server):
         response = httpx.post(f"{server.url}/v2/models/iris/infer", content=content, timeout=120.0)
         result["status"], result["text"] = response.status_code, response.text[:200]
 
-    worst = _live_while(server, threading.Thread(target=big))
+    worst = live_while(server.url, threading.Thread(target=big))
     assert result["status"] == 200, result["text"]
     assert worst < 1.0, f"/v2/health/live took {worst:.1f} s while a 32 MB body was decoded"
 
@@ -158,7 +143,7 @@ def test_an_input_the_model_cannot_take_is_refused_before_its_data_is_walked(ser
                               headers={"Inference-Header-Content-Length": str(len(header))}, timeout=120.0)
         result["status"], result["body"] = response.status_code, response.json()
 
-    worst = _live_while(server, threading.Thread(target=big))
+    worst = live_while(server.url, threading.Thread(target=big))
     assert result == {"status": 400,
                       "body": {"error": "input 'input-0' is BYTES but this model takes numeric features"}}
     assert worst < 1.0, f"/v2/health/live took {worst:.1f} s while a 24 MB BYTES body was in progress"

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import pytest
 pytest.importorskip("mmserver_transformers")
 
 import tiny_hf  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest mode)
+from v2_helpers import live_while  # noqa: E402
 from mmserver.errors import InvalidInput, ModelLoadError  # noqa: E402
 from mmserver.generation import InvalidParameter, SamplingParams  # noqa: E402
 from mmserver.runtime import Placement, RuntimeRegistry  # noqa: E402
@@ -835,16 +835,7 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(hf_server: Any) -> None:
             response = httpx.post(f"{hf_server.url}{path}", json=body, timeout=120)
             result["status"], result["text"] = response.status_code, response.text[:300]
 
-        request = threading.Thread(target=send)
-        request.start()
-        worst = 0.0
-        with httpx.Client(timeout=60) as client:
-            while request.is_alive():
-                started = time.perf_counter()
-                assert client.get(f"{hf_server.url}/v2/health/live").status_code == 200
-                worst = max(worst, time.perf_counter() - started)
-                time.sleep(0.01)
-        request.join()
+        worst = live_while(hf_server.url, threading.Thread(target=send))
         assert result["status"] == 400 and "tokens" in result["text"], result
         assert worst < 1.0, f"{path}: /v2/health/live took {worst:.1f} s while the prompt was tokenized"
 

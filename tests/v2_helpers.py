@@ -1,8 +1,11 @@
-"""Small helpers shared by the end-to-end tests: V2 request bodies and /metrics scraping."""
+"""Small helpers shared by the end-to-end tests: V2 request bodies, /metrics scraping, and how
+long the health probe waits while a heavy request runs."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -41,3 +44,17 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def live_while(url: str, request: threading.Thread) -> float:
+    """The longest ``/v2/health/live`` took while ``request`` (started here) was in progress."""
+    request.start()
+    worst = 0.0
+    with httpx.Client(timeout=60.0) as client:
+        while request.is_alive():
+            started = time.perf_counter()
+            assert client.get(f"{url}/v2/health/live").status_code == 200
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.01)
+    request.join()
+    return worst
