@@ -356,22 +356,13 @@ def test_the_connection_cap_answers_503_and_frees_up_when_idle_clients_leave(cap
     wait_until(lambda: one_request(url) == 200, timeout=3, interval=0.1, what="a normal request to succeed")
 
 
-def test_idle_keep_alive_connections_are_closed_after_keep_alive_s(capped_server):
+@pytest.mark.parametrize("first_request", [True, False], ids=["keep-alive", "never-sent-a-request"])
+def test_idle_connections_are_closed_after_keep_alive_s(capped_server, first_request):
+    """Idle keep-alive connections, and sockets that connect and say nothing (each holds a
+    connection slot: with the cap, a handful of them would lock every client out for good), are
+    closed after ``--keep-alive-s``."""
     url = capped_server.url
-    # cap idle ones leave no room for one more
-    with idle_connections(url, MAX_CONNECTIONS, first_request=True) as idle:
-        assert one_request(url) == 503
-        time.sleep(KEEP_ALIVE_S + 0.5)
-        assert all(closed_by_server(sock) for sock in idle)
-        assert one_request(url) == 200
-
-
-def test_connections_that_never_send_a_request_are_closed_too(capped_server):
-    """A socket that connects and says nothing holds a connection slot: with the cap, a handful
-    of them would lock every client out for good. They get ``--keep-alive-s`` like any idle
-    connection."""
-    url = capped_server.url
-    with idle_connections(url, MAX_CONNECTIONS, first_request=False) as idle:
+    with idle_connections(url, MAX_CONNECTIONS, first_request=first_request) as idle:  # the cap: no room left
         assert one_request(url) == 503
         time.sleep(KEEP_ALIVE_S + 0.5)
         assert all(closed_by_server(sock) for sock in idle)
