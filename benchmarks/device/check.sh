@@ -2,11 +2,11 @@
 # The GPU checks of the memory manager and the transformers runtime, in one run on the lent
 # machine (the `device` tool), after benchmarks/device/wheels.sh has filled .whl/ here:
 #
-#   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=480)
 #
-# (after vllm_check.sh, which needs the machine warm across its carry runs: see the README's
-# "On a lent GPU"). Steps, logs under $OUT, each step's exit status in $OUT/summary.txt, the
-# servers' logs in $OUT/server-logs.tgz, sized to end within 570 s; exits non-zero if a step failed:
+# (first on a fresh machine, then vllm_check.sh's chain of carry runs: see the README's "On a
+# lent GPU"). Steps, logs under $OUT, each step's exit status in $OUT/summary.txt, the servers'
+# logs in $OUT/server-logs.tgz, sized to end within 455 s; exits non-zero if a step failed:
 #   1. the machine: nvidia-smi, torch, NVML and pydantic versions, CUDA/vLLM environment, pip check;
 #   2. the GPU tests: fp16 placement and measured sizes, offload/restore through page-locked
 #      host memory (and its buffer alone), and the memory scenario through HTTP with NVML as the
@@ -23,10 +23,10 @@ cd "$(dirname "$0")/../.."
 if ls .whl/*.whl > /dev/null 2>&1; then
   install_wheels .whl/*.whl
 fi
-step machine 60 machine
-step gpu-tests 180 pytest_gpu tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
-step host-tier 90 python3 benchmarks/host_tier.py --mib 1024
+step machine 45 machine
+step gpu-tests 150 pytest_gpu tests/test_host_copy.py tests/test_transformers_runtime.py tests/test_memory_scenario.py
+step host-tier 60 python3 benchmarks/host_tier.py --mib 1024
 # shellcheck disable=SC2086  # the arguments are meant to split
-step memory-swap 240 python3 benchmarks/memory_swap.py --server-log /tmp/pt/memory-swap/server.log \
-  ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 6 --minutes 1.5}
+step memory-swap 200 python3 benchmarks/memory_swap.py --server-log /tmp/pt/memory-swap/server.log \
+  ${MEMORY_SWAP_ARGS:---device cuda --model-mib 1024 --models 6 --minutes 1}
 finish

@@ -9,7 +9,7 @@
 #      the ledger against NVML, and the wake time;
 #   3. benchmarks/vllm_throughput.py: tokens/s through mmserver against the same engine direct.
 # Logs under $OUT, exit statuses in $OUT/summary.txt, the servers' logs in $OUT/server-logs.tgz,
-# sized to end within 540 s; exits non-zero if a step failed.
+# sized to end within 465 s after the install; exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . benchmarks/device/lib.sh
@@ -22,9 +22,9 @@ cat "${parts[@]}" | tar -x -C /tmp/vllm-wheels || { echo "vllm parts: cannot be 
 install_wheels .whl/*.whl /tmp/vllm-wheels/*.whl
 # FlashInfer is not carried: vLLM's sampler must not try to import it (its default on CUDA)
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_HOST_IP=127.0.0.1 VLLM_USE_FLASHINFER_SAMPLER=0
-step machine 60 machine
-step vllm-import 90 python3 -c "import torch, vllm; print(vllm.__version__, torch.__version__, torch.cuda.get_device_name())"
-step vllm-gpu-test 300 pytest_gpu tests/test_vllm_runtime.py
-step vllm-throughput 150 python3 benchmarks/vllm_throughput.py --rounds 1 --tokens 128 \
+step machine 45 machine
+step vllm-import 60 python3 -c "import torch, vllm; print(vllm.__version__, torch.__version__, torch.cuda.get_device_name())"
+step vllm-gpu-test 240 pytest_gpu tests/test_vllm_runtime.py
+step vllm-throughput 120 python3 benchmarks/vllm_throughput.py --rounds 1 --tokens 128 \
   --server-log /tmp/pt/vllm-throughput/server.log
 finish
