@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +211,15 @@ PROTOCOL_PARAMETERS = frozenset({"timeout", "binary_data_output", "priority", "s
                                  "sequence_start", "sequence_end"})
 
 
+def refuse_unknown(given: Iterable[str], takes: set[str], who: str, passed: frozenset[str] = frozenset()) -> None:
+    """``InvalidParameter`` naming the first parameter (in sorted order) of ``given`` that is
+    neither one ``who`` takes nor one it lets ``passed`` without listing it."""
+    unknown = sorted(set(given) - takes - passed)
+    if unknown:
+        raise InvalidParameter(f"unknown parameter '{unknown[0]}'; {who} takes {', '.join(sorted(takes))}",
+                               unknown[0])
+
+
 def parse_v2_sampling(
     parameters: Mapping[str, Any], defaults: Mapping[str, Any], flags: frozenset[str] = frozenset()
 ) -> SamplingParams:
@@ -219,11 +228,8 @@ def parse_v2_sampling(
     out), plus ``do_sample``: false is greedy whatever the temperature, true samples (at
     temperature 1 unless one is given). Parameters other than these, the runtime's own ``flags``
     and the protocol's are refused (``InvalidParameter``), and so is ``n`` other than 1."""
-    takes = {*SAMPLING_KEYS, *V2_ALIASES, "do_sample", *flags}
-    unknown = sorted(set(parameters) - takes - PROTOCOL_PARAMETERS)
-    if unknown:
-        raise InvalidParameter(f"unknown parameter '{unknown[0]}'; a generation model takes "
-                               f"{', '.join(sorted(takes))}", unknown[0])
+    refuse_unknown(parameters, {*SAMPLING_KEYS, *V2_ALIASES, "do_sample", *flags}, "a generation model",
+                   PROTOCOL_PARAMETERS)
     values = dict(parameters)
     do_sample = values.pop("do_sample", None)
     if do_sample is not None and type(do_sample) is not bool:

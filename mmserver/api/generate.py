@@ -48,6 +48,7 @@ from ..generation import (
     check_room,
     generate_all,
     parse_sampling,
+    refuse_unknown,
 )
 from ..manager import ModelManager
 from ..metrics import outcome_of
@@ -284,12 +285,7 @@ def _generate_request(body: Any) -> tuple[str, dict[str, Any], str | None]:
     for key in set(values) & set(parameters):
         raise InvalidParameter(f"parameter '{key}' is given both at the top level and in 'parameters'", key)
     values.update(parameters)
-    known = set(SAMPLING_KEYS) | set(V2_ALIASES) | TRITON_FLAGS
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InvalidParameter(
-            f"unknown parameter '{unknown[0]}'; generate takes {', '.join(sorted(set(SAMPLING_KEYS) | set(V2_ALIASES)))}",
-            unknown[0])
+    refuse_unknown(values, {*SAMPLING_KEYS, *V2_ALIASES}, "generate", TRITON_FLAGS)
     return text, values, request_id
 
 
