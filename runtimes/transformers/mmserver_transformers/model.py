@@ -30,10 +30,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    StoppingCriteriaList,
 )
 
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
-from mmserver.generation import GenerationChunk, GenerationRequest, IncrementalText, SamplingParams, TextGenerator
+from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator
 from mmserver.checkpoint import max_positions, read_config, weight_files
 from mmserver.memory import format_bytes
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
@@ -51,6 +52,7 @@ from .options import (
     dtype_for,
     v2_sampling,
 )
+from .stop_strings import StopStrings
 
 log = logging.getLogger("mmserver_transformers")
 
@@ -542,8 +544,14 @@ class TransformersModel(LoadedModel, TextGenerator):
         ids, mask = self._padded(rows)
         assert gen.max_tokens is not None
         config = self.generation_config_for(gen, gen.max_tokens)
-        out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask)
-        finished = [self._finish(row, gen) for row in out[:, ids.shape[1]:].cpu().tolist()]
+        eos = set() if gen.ignore_eos else self.eos_ids
+        watch = StopStrings(len(rows), ids.shape[1], gen.stop, eos, self._decode) if gen.stop else None
+        extra = {"stopping_criteria": StoppingCriteriaList([watch])} if watch is not None else {}
+        out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask, **extra)
+        finished = []
+        for index, row in enumerate(out[:, ids.shape[1]:].cpu().tolist()):
+            tokens = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+            finished.append(watch.finish(index, tokens) if watch is not None else (tokens, self._decode(tokens)))
         return {"text_output": [text.encode("utf-8") for _, text in finished],
                 "output_ids": [tokens for tokens, _ in finished]}
 
@@ -577,22 +585,6 @@ class TransformersModel(LoadedModel, TextGenerator):
             if seed is not None:
                 torch.manual_seed(seed)
             return self.model.generate(generation_config=config, **inputs)
-
-    def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str]:
-        """A generated row's tokens and text, ended as a streamed sequence ends: before its first
-        end-of-sequence token (unless ``ignore_eos``), or at the token that completes a stop
-        string, the text cut before it (``IncrementalText``, as the stream does)."""
-        eos = set() if params.ignore_eos else self.eos_ids
-        tokens = tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
-        if not params.stop:
-            return tokens, self._decode(tokens)
-        text = IncrementalText(self._decode, params.stop)
-        pieces = []
-        for end in range(1, len(tokens) + 1):
-            pieces.append(text.push(tokens[:end]))
-            if text.matched is not None:
-                return tokens[:end], "".join(pieces)
-        return tokens, "".join(pieces) + text.flush()
 
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
