@@ -8,12 +8,14 @@ torch and transformers are imported by fixtures only, so collecting this module 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import shutil
 import struct
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -554,6 +556,39 @@ def test_generation_stops_at_eos_and_pads_ids_per_request(hf_repo: HFRepo, refer
         asyncio.run(model.unload())
 
 
+def _stop_within(reference: Reference, text: str, tokens: int) -> tuple[list[int], str, int]:
+    """Greedy ids for ``text``, a two-character stop string from the middle of their text, and
+    the number of tokens up to the one that completes it."""
+    tok = reference.generator_tok
+    greedy = reference.generate(text, tokens)
+    full = tok.decode(greedy, skip_special_tokens=True)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    needed = next(n for n in range(1, len(greedy) + 1) if stop in tok.decode(greedy[:n], skip_special_tokens=True))
+    assert stop.strip() and "\ufffd" not in stop and needed < len(greedy)
+    return greedy, stop, needed
+
+
+def test_a_stop_string_ends_a_v2_generation_at_its_token(loaded: dict[str, Any], reference: Reference) -> None:
+    model = loaded["generator"]
+    greedy, stop, needed = _stop_within(reference, TEXTS[0], 12)
+    other = next(t for t in TEXTS[1:] if stop not in reference.generator_tok.decode(reference.generate(t, 12)))
+    steps: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        alone = infer(model, text_request(TEXTS[0], max_tokens=12, temperature=0, stop=[stop]))[0]
+        forwards_alone = len(steps)
+        pair = infer(model, text_request(TEXTS[0], other, max_tokens=12, temperature=0, stop=[stop]))[0]
+    finally:
+        hook.remove()
+    assert alone["output_ids"].tolist() == [greedy[:needed]]
+    assert forwards_alone == needed  # the generation stopped there: it did not run all 12 steps
+    full = reference.generator_tok.decode(greedy, skip_special_tokens=True)
+    assert alone["text_output"].tolist() == [full[:full.index(stop)].encode()]
+    # a batch mate without the stop string generates on, unchanged
+    assert pair["output_ids"].tolist() == [greedy[:needed] + [-1] * (12 - needed), reference.generate(other, 12)]
+    assert pair["text_output"][0] == alone["text_output"][0]
+
+
 def test_compute_uses_the_models_thread_count(loaded: dict[str, Any]) -> None:
     import torch
 
@@ -822,6 +857,28 @@ def test_a_parameter_the_runtime_refuses_gets_its_400_also_when_streamed(hf_serv
                               json={"text_input": "the cat", "max_tokens": 4, "presence_penalty": 0.5})
         assert response.status_code == 400, (route, response.text)
         assert "presence_penalty" in response.json()["error"]
+
+
+@pytest.mark.parametrize("coding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)])
+def test_the_json_routes_take_compressed_bodies_as_infer_does(hf_server: Any, coding: str, compress: Any) -> None:
+    routes = (("/v1/completions", {"model": "generator", "prompt": "the cat", "max_tokens": 3, "temperature": 0}),
+              ("/v2/models/generator/generate", {"text_input": "the cat", "max_tokens": 3, "temperature": 0}),
+              ("/v2/repository/index", {"ready": True}))
+    for path, body in routes:
+        plain = httpx.post(f"{hf_server.url}{path}", json=body, timeout=60)
+        packed = httpx.post(f"{hf_server.url}{path}", content=compress(json.dumps(body).encode()), timeout=60,
+                            headers={"Content-Type": "application/json", "Content-Encoding": coding})
+        assert plain.status_code == packed.status_code == 200, (path, packed.text)
+        if path == "/v1/completions":
+            assert packed.json()["choices"] == plain.json()["choices"]
+        else:
+            assert packed.json() == plain.json(), path
+    refused = httpx.post(f"{hf_server.url}/v1/completions", content=b"x", timeout=60,
+                         headers={"Content-Encoding": "br"})
+    assert refused.status_code == 415 and "'br' is not supported" in refused.json()["error"]["message"]
+    broken = httpx.post(f"{hf_server.url}/v2/models/generator/generate", content=b"not gzip", timeout=60,
+                        headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400 and "not valid gzip data" in broken.json()["error"]
 
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop(hf_server: Any) -> None:

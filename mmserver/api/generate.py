@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -53,7 +52,7 @@ from ..generation import (
 from ..manager import ModelManager
 from ..metrics import outcome_of
 from ..runtime import run_sync
-from .http import JSON, read_body
+from .http import JSON, read_json_body
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,13 +72,8 @@ def manager_of(request: Request) -> ModelManager:
 
 
 async def read_json(request: Request) -> Any:
-    """The request body as JSON (400 when it is not)."""
-    settings = request.app.state.settings
-    body = await read_body(request.receive, request.headers.get("content-length"), settings.max_request_bytes)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    """The request body as JSON, up to the server's ``max_request_bytes`` (400 when it is not)."""
+    return await read_json_body(request, request.app.state.settings.max_request_bytes)
 
 
 def generating_entry(manager: ModelManager, name: str, version: str | None = None) -> ModelEntry:

@@ -9,6 +9,9 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+from starlette.requests import Request
+
 from ..codec import encode_json
 from ..errors import (
     ClientDisconnected,
@@ -20,6 +23,7 @@ from ..errors import (
     UnsupportedMediaType,
     http_status,
 )
+from ..runtime import run_sync
 
 JSON = "application/json"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -29,6 +33,9 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
                       429: "rate_limit_error"}
 _OPENAI_SERVER_CODES = {503: "model_not_ready", 504: "timeout", 507: "insufficient_memory"}
+#: bodies up to this size are decoded on the event loop: the worker pool's round trip costs
+#: 50-150 µs, and 1 MiB decodes in 10 ms (JSON numbers) to 100 ms (empty binary BYTES elements)
+INLINE_DECODE_BYTES = 1 << 20
 #: zlib's window bits for each content coding it decodes (gzip's header, or deflate's zlib one)
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -91,6 +98,30 @@ async def read_body(receive: Receive, declared_length: str | None, limit: int) -
             chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_json_body(request: Request, limit: int, what: str = "the request body") -> Any:
+    """A Starlette request's JSON body, decompressed as its ``Content-Encoding`` says (both
+    capped at ``limit`` bytes), decompressed and parsed on the worker pool when large; 400 when
+    it is not JSON, and None for an empty body."""
+    coding = content_coding(request.headers.get("content-encoding"))
+    body = await read_body(request.receive, request.headers.get("content-length"), limit)
+    if coding is None and len(body) <= INLINE_DECODE_BYTES:
+        return _parse_json(body, what)
+    return await run_sync(_decompressed_json, body, coding, limit, what)
+
+
+def _decompressed_json(body: bytes, coding: str | None, limit: int, what: str) -> Any:
+    return _parse_json(body if coding is None else decompress(body, coding, limit), what)
+
+
+def _parse_json(body: bytes, what: str) -> Any:
+    if not body.strip():
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
 
 
 def content_coding(header: str | None) -> str | None:

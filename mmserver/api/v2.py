@@ -3,7 +3,6 @@ model repository extensions."""
 
 from __future__ import annotations
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -12,7 +11,7 @@ from .. import __version__
 from ..codec import encode_json
 from ..errors import InvalidInput
 from ..manager import ModelManager
-from .http import JSON, read_body
+from .http import JSON, read_json_body
 
 INDEX_BODY_LIMIT = 4096
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -60,13 +59,9 @@ async def model_ready(request: Request) -> Response:
 
 async def repository_index(request: Request) -> Response:
     """Every model version; with body ``{"ready": true}`` only the ready ones."""
-    body = await read_body(request.receive, request.headers.get("content-length"), INDEX_BODY_LIMIT)
+    options = await read_json_body(request, INDEX_BODY_LIMIT, "the index request body")
     rows = _manager(request).index()
-    if body.strip():
-        try:
-            options = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise InvalidInput("the index request body must be JSON, e.g. {\"ready\": true}") from None
+    if options is not None:
         if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
             raise InvalidInput("the index request body takes one option: {\"ready\": true|false}")
         if options.get("ready"):
