@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_model(repo: Path, source: Path | None, build: Callable[[Path], Path]) -> Path:
+    """The benchmarked model's folder, ``repo/bench``: a copy of ``source``, or without one the
+    tiny model ``build`` makes (a builder of the tests' ``tiny_hf``, see ``tiny_builder``)."""
+    folder = repo / "bench"
+    if source is None:
+        build(folder)
+    else:
+        shutil.copytree(source, folder)
+    return folder
+
+
+def tiny_builder(name: str, **options: object) -> Callable[[Path], Path]:
+    """``tests/tiny_hf.py``'s ``name`` (e.g. ``build_embedder``) with ``options``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_hf
+
+    build = getattr(tiny_hf, name)
+    return lambda folder: build(folder, **options)
 
 
 def free_port() -> int:

@@ -24,23 +24,13 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from serving import start_server, stop_server
+from serving import bench_model, start_server, stop_server, tiny_builder
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "the quick dog ran along the river with seven bright stones"
-
-
-def build_tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_hf
-
-    return tiny_hf.build_generator(folder, seed=2, max_positions=4096, chat_template=True)
 
 
 # ----------------------------------------------------------------------------- the two drivers
@@ -162,11 +152,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        if args.model is None:
-            build_tiny_model(repo / "bench")
-        else:
-            shutil.copytree(args.model, repo / "bench")
-        model = repo / "bench"
+        model = bench_model(repo, args.model,
+                            tiny_builder("build_generator", seed=2, max_positions=4096, chat_template=True))
         print(f"model {args.model or 'tiny random Llama'}; {args.tokens} tokens per request; "
               f"median of {args.rounds} rounds", flush=True)
 

@@ -106,6 +106,11 @@ class Batcher:
         self._batch_cost_s = 0.0  # moving average of one batch's run time
 
     @property
+    def max_rows(self) -> int:
+        """The most rows one call of the model is given (a request with more runs alone)."""
+        return self._max_rows
+
+    @property
     def pending(self) -> int:
         """Requests waiting in the queue; for a model that batches internally (no queue here: its
         engine queues them), the requests and streams in flight."""

@@ -138,6 +138,11 @@ class Runtime(ABC):
         told from its files without loading it. Must be cheap."""
         return False
 
+    def embeds_text(self, spec: ModelSpec) -> bool:
+        """Whether the model would serve the embeddings route (``mmserver.embedding``), told from
+        its files without loading it. Must be cheap."""
+        return False
+
     def collect_metrics(self) -> Iterable[Any]:
         """Prometheus metric families of this runtime's engines (vLLM's own), exported with the
         server's metrics at scrape time."""

@@ -16,7 +16,8 @@ import pytest
 
 from mmserver.api import generate, openai
 from mmserver.errors import InvalidInput
-from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator
+from mmserver.api.generate import gather_all
+from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator, generate_all
 
 
 class ScriptedGenerator(TextGenerator):
@@ -74,7 +75,7 @@ def test_when_one_prompt_fails_the_others_are_cancelled_before_the_error_goes_on
 
     async def run() -> None:
         with pytest.raises(InvalidInput, match="refused"):
-            await openai._gather(generator, jobs("good", "bad"))
+            await gather_all(generate_all(generator, job) for job in jobs("good", "bad"))
         assert generator.ends == {"good": "closed early"}  # not left generating after the 400
 
     asyncio.run(run())
@@ -82,7 +83,7 @@ def test_when_one_prompt_fails_the_others_are_cancelled_before_the_error_goes_on
 
 def test_prompts_generated_together_each_get_their_whole_answer():
     generator = ScriptedGenerator(chunks=3)
-    results = asyncio.run(openai._gather(generator, jobs("a", "b")))
+    results = asyncio.run(gather_all(generate_all(generator, job) for job in jobs("a", "b")))
     assert [r[0].text for r in results] == ["a0 a1 a2 ", "b0 b1 b2 "]
     assert generator.ends == {"a": "finished", "b": "finished"}
 

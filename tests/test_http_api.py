@@ -649,7 +649,8 @@ def test_route_errors_are_json(client, method, path, status, fragments):
 
 
 @pytest.mark.parametrize(("method", "path", "status", "allow"), [
-    ("POST", "/v1/embeddings", 404, None),
+    ("POST", "/v1/audio/speech", 404, None),
+    ("GET", "/v1/embeddings", 405, "POST"),
     ("GET", "/openai/v1/no/such/route", 404, None),
     ("GET", "/v1/completions", 405, "POST"),
     ("PUT", "/openai/v1/chat/completions", 405, "POST"),
@@ -665,12 +666,12 @@ def test_route_errors_under_the_openai_prefixes_have_openai_error_bodies(client,
     assert (allowed and sorted(allowed.split(", "))) == (allow and allow.split(", "))  # (a set: any order)
 
 
-def test_a_model_that_does_not_generate_text_is_not_an_openai_model(client):
+def test_a_model_that_neither_generates_nor_embeds_text_is_not_an_openai_model(client):
     assert "iris" not in [card["id"] for card in client.get("/v1/models").json()["data"]]
     response = client.get("/v1/models/iris")
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "model_not_found"
-    assert "does not generate text" in response.json()["error"]["message"]
+    assert "neither generates nor embeds text" in response.json()["error"]["message"]
 
 
 def test_server_survives_every_bad_request(client, model_repo):

@@ -751,6 +751,20 @@ def test_http_v2_stop_ends_as_generate_does(hf_server: Any, reference: Reference
     assert stop in reference.generator_tok.decode(ids) and stop not in reference.generator_tok.decode(ids[:-1])
 
 
+@pytest.mark.parametrize("model", ["classifier", "embedder", "generator"])
+def test_v2_infer_reports_the_input_tokens_when_asked(hf_server: Any, reference: Reference, model: str) -> None:
+    tok = {"classifier": reference.classifier_tok, "embedder": reference.embedder_tok,
+           "generator": reference.generator_tok}[model]
+    texts = TEXTS[:3]
+    asked = post(hf_server, model, [text_input(*texts)], parameters={"return_num_input_tokens": True})
+    assert asked.status_code == 200, asked.text
+    assert asked.json()["parameters"] == {"num_input_tokens": sum(len(tok(t)["input_ids"]) for t in texts)}
+    plain = post(hf_server, model, [text_input(*texts)])
+    assert "parameters" not in plain.json()
+    refused = post(hf_server, model, [text_input(*texts)], parameters={"return_num_input_tokens": "yes"})
+    assert refused.status_code == 400 and "return_num_input_tokens" in refused.json()["error"]
+
+
 def _batches(server: Any, model: str) -> int:
     text = httpx.get(f"{server.url}/metrics").text
     for line in text.splitlines():
@@ -1054,3 +1068,97 @@ def test_gpu_offload_restore_round_trip(cuda: str, hf_repo: HFRepo) -> None:
         assert after["text_output"].tolist() == before["text_output"].tolist()
     finally:
         asyncio.run(model.unload())
+
+
+# ----------------------------------------------------------------------------- OpenAI embeddings
+
+
+def _openai(server: Any, prefix: str = "/v1") -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + prefix, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])
+def test_openai_embeddings_through_the_official_client(hf_server: Any, reference: Reference, prefix: str) -> None:
+    tok = reference.embedder_tok
+    with _openai(hf_server, prefix) as client:
+        listed = {m.id for m in client.models.list().data}
+        assert {"embedder", "generator"} <= listed and "classifier" not in listed  # a classifier serves no route
+        packed = client.embeddings.create(model="embedder", input=TEXTS[:3])  # the client asks for base64
+        floats = client.embeddings.create(model="embedder", input=TEXTS[:3], encoding_format="float")
+        single = client.embeddings.create(model="embedder", input=TEXTS[0])
+    for answer in (packed, floats):
+        assert [d.index for d in answer.data] == [0, 1, 2] and answer.model == "embedder"
+        for item, text in zip(answer.data, TEXTS[:3]):
+            assert np.allclose(item.embedding, reference.embedding(text), atol=1e-4)
+        assert answer.usage.prompt_tokens == answer.usage.total_tokens == sum(len(tok(t)["input_ids"]) for t in TEXTS[:3])
+    assert np.allclose(single.data[0].embedding, reference.embedding(TEXTS[0]), atol=1e-4)
+
+
+def test_openai_embeddings_of_token_ids_equal_those_of_texts(hf_server: Any, reference: Reference) -> None:
+    ids = [reference.embedder_tok(t)["input_ids"] for t in TEXTS[:2]]
+    url = f"{hf_server.url}/v1/embeddings"
+    from_ids = httpx.post(url, json={"model": "embedder", "input": ids}, timeout=60)
+    from_one = httpx.post(url, json={"model": "embedder", "input": ids[1]}, timeout=60)
+    from_texts = httpx.post(url, json={"model": "embedder", "input": TEXTS[:2]}, timeout=60)
+    assert from_ids.status_code == from_one.status_code == from_texts.status_code == 200, from_ids.text
+    vectors = [d["embedding"] for d in from_ids.json()["data"]]
+    assert np.allclose(vectors, [d["embedding"] for d in from_texts.json()["data"]], atol=1e-5)
+    assert np.allclose(from_one.json()["data"][0]["embedding"], vectors[1], atol=1e-5)
+    assert from_ids.json()["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+
+def test_openai_embeddings_of_more_inputs_than_a_batch_keep_their_order(hf_server: Any,
+                                                                        reference: Reference) -> None:
+    texts = [f"{TEXTS[i % 4]} {i}" for i in range(150)]  # the embedder's max_batch_size is 64: three calls
+    before = _batches(hf_server, "embedder")
+    response = httpx.post(f"{hf_server.url}/v1/embeddings", json={"model": "embedder", "input": texts}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert _batches(hf_server, "embedder") - before >= 3
+    data = response.json()["data"]
+    assert [d["index"] for d in data] == list(range(150))
+    expected = np.stack([reference.embedding(t) for t in texts])
+    assert np.allclose([d["embedding"] for d in data], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "embedder", "input": []}, 400, "input", "'input' must be"),
+    ({"model": "embedder", "input": ["a", ""]}, 400, "input", "input 1 is an empty string"),
+    ({"model": "embedder", "input": [{"text": "a"}]}, 400, "input", "'input' must be"),
+    ({"model": "embedder", "input": [[1, 2], []]}, 400, "input", "'input' must be"),
+    ({"model": "embedder", "input": ["a"] * 2049}, 400, "input", "at most 2048"),
+    ({"model": "embedder", "input": "a", "encoding_format": "int8"}, 400, "encoding_format", "one of float, base64"),
+    ({"model": "embedder", "input": "a", "dimensions": 7}, 400, "dimensions", "embeds into 32 dimensions"),
+    ({"model": "embedder", "input": "a", "dimensions": "32"}, 400, "dimensions", "positive integer"),
+    ({"model": "embedder", "input": "a", "truncate": True}, 400, "truncate", "unrecognized request argument"),
+    ({"input": "a"}, 400, "model", "you must provide a model"),
+    ({"model": "embedder", "input": [[1, 10**6]]}, 400, None, "token ids must be in"),
+    ({"model": "generator", "input": "a"}, 400, None, "does not embed text"),
+    ({"model": "classifier", "input": "a"}, 400, None, "does not embed text"),
+    ({"model": "nothing", "input": "a"}, 404, None, "does not exist"),
+])
+def test_openai_embeddings_refusals(hf_server: Any, body: dict[str, Any], status: int, param: str | None,
+                                    message: str) -> None:
+    response = httpx.post(f"{hf_server.url}/v1/embeddings", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param, error
+
+
+def test_a_lazy_embedding_model_is_listed_and_loads_on_its_first_embeddings_request(
+        hf_repo: HFRepo, reference: Reference, tmp_path: Path, start_server: Any) -> None:
+    folder = tiny_hf.link_model(hf_repo.folder("embedder"), tmp_path / "repo" / "lazy-embedder")
+    (folder / "model.yaml").unlink()
+    (folder / "model.yaml").write_text("load: lazy\nparameters: {task: embedding}\n")
+    with start_server(tmp_path / "repo", tmp_path / "server.log") as server:
+        (row,) = httpx.post(f"{server.url}/v2/repository/index").json()
+        assert row["state"] == "UNAVAILABLE" and row["reason"] == "loads on first request"
+        listed = httpx.get(f"{server.url}/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["lazy-embedder"]  # told from its files, before it loads
+        response = httpx.post(f"{server.url}/v1/embeddings", json={"model": "lazy-embedder", "input": TEXTS[1]},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        assert np.allclose(response.json()["data"][0]["embedding"], reference.embedding(TEXTS[1]), atol=1e-4)
+        (row,) = httpx.post(f"{server.url}/v2/repository/index").json()
+        assert row["state"] == "READY"

@@ -24,7 +24,7 @@ from ..metrics import Metrics
 from ..runtime import RuntimeRegistry
 from ..settings import Settings
 from ..watcher import RepositoryWatcher
-from . import generate, openai, openapi, v2
+from . import embeddings, generate, openai, openapi, v2
 from .http import JSON, error_parts_for
 from .infer import InferenceRoute
 from .security import BearerAuth
@@ -94,7 +94,8 @@ def create_app(settings: Settings, registry: RuntimeRegistry | None = None) -> A
     async def serve_openapi(request: Request) -> Response:
         return Response(spec, media_type=JSON)
 
-    routes = [*v2.routes(), *generate.routes(), *openai.routes(), Route("/openapi.json", serve_openapi, methods=["GET"])]
+    routes = [*v2.routes(), *generate.routes(), *openai.routes(), *embeddings.routes(),
+              Route("/openapi.json", serve_openapi, methods=["GET"])]
     if settings.metrics:
         routes.append(Route("/metrics", serve_metrics, methods=["GET"]))
     app = Starlette(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
@@ -35,7 +35,6 @@ from ..errors import (
     InferenceTimeout,
     InvalidInput,
     MMServerError,
-    ModelNotReady,
 )
 from ..generation import (
     SAMPLING_KEYS,
@@ -52,6 +51,7 @@ from ..generation import (
 from ..manager import ModelManager
 from ..metrics import outcome_of
 from ..runtime import run_sync
+from .capability import GENERATES_TEXT, capable_entry
 from .http import JSON, read_json_body
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,19 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 # ----------------------------------------------------------------------------- shared plumbing
 
 
+async def gather_all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of the calls, run together, in order; when one fails (or the caller is
+    cancelled), the others are cancelled and awaited before the error goes on."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def manager_of(request: Request) -> ModelManager:
     return request.app.state.manager
 
@@ -77,22 +90,8 @@ async def read_json(request: Request) -> Any:
 
 
 def generating_entry(manager: ModelManager, name: str, version: str | None = None) -> ModelEntry:
-    """The entry of a model that generates text (400 for one that does not: it is not loaded)."""
-    entry = manager.entry(name, version)
-    model = entry.model
-    if model is not None:
-        if as_generator(model) is None:
-            raise InvalidInput(f"model '{entry.key}' does not generate text")
-        return entry
-    if entry.spec is None:
-        raise ModelNotReady(f"model '{entry.key}' is not ready: {entry.reason}")
-    try:
-        runtime = manager.registry.get(entry.spec.runtime)
-    except LookupError as exc:
-        raise ModelNotReady(f"model '{entry.key}' is not ready: {exc}") from None
-    if not runtime.generates_text(entry.spec):
-        raise InvalidInput(f"model '{entry.key}' does not generate text")
-    return entry
+    """The entry of a model that generates text (400 for one that does not)."""
+    return capable_entry(manager, name, version, GENERATES_TEXT)
 
 
 async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry) -> TextGenerator:
@@ -390,7 +389,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                        "finish_reason": {"type": "string"}},
     },
 }
-_GENERATE_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
+_GENERATE_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 503, 504, 507)
 _GENERATE_OK = {"content": {JSON: {"schema": {"$ref": "#/components/schemas/GenerateResponse"}}}}
 _STREAM_OK = {"content": {"text/event-stream": {"schema": {
     "type": "string", "description": "Events 'data: <GenerateResponse>' with the new text of each step."}}}}

@@ -12,7 +12,6 @@ any unknown field gets 400. Every error body is OpenAI's:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -42,10 +41,11 @@ from ..generation import (
 )
 from ..manager import ModelManager
 from ..runtime import run_sync
+from .capability import EMBEDS_TEXT, GENERATES_TEXT, Capability, capable_entry
 from .generate import (
     answer,
     answer_failure,
-    generating_entry,
+    gather_all,
     late_error,
     manager_of,
     open_generator,
@@ -66,6 +66,8 @@ CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_toke
                          "logprobs", "top_logprobs", "logit_bias", "user", "tools", "tool_choice",
                          "parallel_tool_calls", "response_format", *SAMPLING})
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /completions (chat: as many as fit)
+#: what a model listed in GET /models does
+OPENAI_CAPABILITIES = (GENERATES_TEXT, EMBEDS_TEXT)
 # ----------------------------------------------------------------------------- errors
 
 
@@ -98,42 +100,49 @@ def _model_card(entry: ModelEntry) -> dict[str, Any]:
     return {"id": entry.name, "object": "model", "created": created, "owned_by": "mmserver"}
 
 
-def _text_models(manager: ModelManager) -> list[ModelEntry]:
+def _served_models(manager: ModelManager) -> list[ModelEntry]:
+    """The models an OpenAI route serves: those that generate or embed text."""
     entries = []
     for name in sorted({row["name"] for row in manager.index()}):
-        try:
-            entries.append(generating_entry(manager, name))
-        except MMServerError:
-            continue
+        for capability in OPENAI_CAPABILITIES:
+            try:
+                entries.append(capable_entry(manager, name, None, capability))
+                break
+            except MMServerError:
+                continue
     return entries
 
 
 @openai_errors
 async def list_models(request: Request) -> Response:
-    cards = [_model_card(entry) for entry in _text_models(manager_of(request))]
+    cards = [_model_card(entry) for entry in _served_models(manager_of(request))]
     return Response(encode_json({"object": "list", "data": cards}), media_type=JSON)
 
 
 @openai_errors
 async def get_model(request: Request) -> Response:
     model = request.path_params["model"]
-    try:
-        entry = _entry(manager_of(request), model)
-    except InvalidInput:  # a model that does not generate text, and so is not listed
-        raise ModelNotFound(f"the model '{model}' does not generate text: it is not one of GET /v1/models") from None
-    return Response(encode_json(_model_card(entry)), media_type=JSON)
+    for capability in OPENAI_CAPABILITIES:
+        try:
+            return Response(encode_json(_model_card(openai_entry(manager_of(request), model, capability))),
+                            media_type=JSON)
+        except InvalidInput:  # a model that neither generates nor embeds text, and so is not listed
+            continue
+    raise ModelNotFound(f"the model '{model}' neither generates nor embeds text: it is not one of GET /v1/models")
 
 
-def _entry(manager: ModelManager, model: Any) -> ModelEntry:
+def openai_entry(manager: ModelManager, model: Any, capability: Capability = GENERATES_TEXT) -> ModelEntry:
+    """The entry of the request's ``model`` (``name`` or ``name:version``), one that can do what
+    the route needs."""
     if not isinstance(model, str) or not model:
         raise InvalidParameter("'model' must be the name of a model (see GET /v1/models)", "model")
     try:
-        return generating_entry(manager, model)
+        return capable_entry(manager, model, None, capability)
     except ModelNotFound:
         name, _, version = model.rpartition(":")
         if name and version:  # name:version picks a version
             try:
-                return generating_entry(manager, name, version)
+                return capable_entry(manager, name, version, capability)
             except ModelNotFound:
                 pass
         raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)") from None
@@ -142,7 +151,8 @@ def _entry(manager: ModelManager, model: Any) -> ModelEntry:
 # ----------------------------------------------------------------------------- requests
 
 
-def _body(doc: Any, fields: frozenset[str], endpoint: str) -> dict[str, Any]:
+def openai_body(doc: Any, fields: frozenset[str], endpoint: str) -> dict[str, Any]:
+    """The request's JSON object, every field known, the model named (400 otherwise)."""
     if not isinstance(doc, dict):
         raise InvalidParameter(f"the {endpoint} request body must be a JSON object")
     unknown = sorted(set(doc) - fields)
@@ -239,7 +249,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 @openai_errors
 async def completions(request: Request) -> Any:
-    doc = _body(await read_json(request), COMPLETION_FIELDS, "completions")
+    doc = openai_body(await read_json(request), COMPLETION_FIELDS, "completions")
     _unsupported(doc, "suffix", lambda v: v == "", "no insertion")
     _unsupported(doc, "logprobs", lambda v: v == 0 or v is False, "no log probabilities")
     _unsupported(doc, "logit_bias", lambda v: v == {}, "no logit bias")
@@ -259,7 +269,7 @@ async def completions(request: Request) -> Any:
 
 @openai_errors
 async def chat_completions(request: Request) -> Any:
-    doc = _body(await read_json(request), CHAT_FIELDS, "chat completions")
+    doc = openai_body(await read_json(request), CHAT_FIELDS, "chat completions")
     _unsupported(doc, "logprobs", lambda v: v is False, "no log probabilities")
     _unsupported(doc, "top_logprobs", lambda v: v == 0, "no log probabilities")
     _unsupported(doc, "logit_bias", lambda v: v == {}, "no logit bias")
@@ -285,7 +295,7 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
     a stream."""
     started = time.perf_counter()
     manager = manager_of(request)
-    entry = _entry(manager, model)
+    entry = openai_entry(manager, model)
     stack = AsyncExitStack()
     try:
         generator = await open_generator(stack, manager, entry)
@@ -301,22 +311,9 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
         for i, job in enumerate(jobs):
             job.request_id = f"{fmt.id}-{i}"
         events = _events(generator, jobs, fmt, include_usage) if stream else None
-        return await answer(request, entry, started, stack, events, lambda: _gather(generator, jobs), fmt.whole)
+        return await answer(request, entry, started, stack, events, lambda: gather_all(generate_all(generator, job) for job in jobs), fmt.whole)
     except BaseException as exc:
         return await answer_failure(entry, started, stack, exc)
-
-
-async def _gather(generator: TextGenerator, jobs: list[GenerationRequest]) -> list[list[Any]]:
-    """Every prompt's sequences, generated together; when one fails (or the request is
-    cancelled), the others are cancelled and awaited before the error goes on."""
-    tasks = [asyncio.ensure_future(generate_all(generator, job)) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: _Format,
@@ -505,7 +502,7 @@ def _openapi() -> dict[tuple[str, str], dict[str, Any]]:
 
     error = {"description": "Error", "content": {JSON: {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}}
     operations: dict[tuple[str, str], dict[str, Any]] = {}
-    errors = (400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
+    errors = (400, 401, 404, 408, 413, 415, 429, 500, 503, 504, 507)
     for prefix in OPENAI_PREFIXES:
         operations[("get", prefix + "/models")] = {
             "summary": "The models that generate text (OpenAI)", "responses": {"200": {

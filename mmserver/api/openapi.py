@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..codec import DTYPES
-from . import generate, openai
+from . import embeddings, generate, openai
 
 JSON = "application/json"
 
@@ -175,7 +175,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | dict, tuple[int, ...], str | 
     ("post", VERSIONED + "/infer"): ("Inference on one version", "InferenceResponse", _INFER_ERRORS,
                                      "InferenceRequest"),
     ("post", "/v2/repository/index"): ("Every model version and its state", "RepositoryIndex",
-                                       (400, 401, 408, 413), "IndexRequest"),
+                                       (400, 401, 408, 413, 415), "IndexRequest"),
     ("get", "/v2/repository/index"): ("Every model version and its state", "RepositoryIndex", (401,), None),
     ("post", "/v2/repository/models/{name}/load"): ("Read the model's folder and load it", "LoadResult",
                                                     (400, 401, 403, 404, 500, 507), None),
@@ -194,7 +194,7 @@ def document(metrics: bool = True) -> dict[str, Any]:
         if path == "/metrics" and not metrics:
             continue
         paths.setdefault(path, {})[method] = _operation(path, summary, ok, errors, body)
-    for (method, path), operation in {**generate.OPENAPI, **openai.OPENAPI}.items():  # text generation
+    for (method, path), operation in {**generate.OPENAPI, **openai.OPENAPI, **embeddings.OPENAPI}.items():  # text routes
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.0.3",
@@ -203,7 +203,7 @@ def document(metrics: bool = True) -> dict[str, Any]:
                                 "tensor data and model repository extensions."},
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **generate.OPENAPI_SCHEMAS, **openai.OPENAPI_SCHEMAS},
+            "schemas": {**SCHEMAS, **generate.OPENAPI_SCHEMAS, **openai.OPENAPI_SCHEMAS, **embeddings.OPENAPI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

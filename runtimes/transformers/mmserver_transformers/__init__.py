@@ -20,7 +20,7 @@ from mmserver.spec import ModelSpec
 
 from .estimate import estimate_memory
 from .gpu_cache import empty_gpu_caches
-from .options import GENERATION, task_of
+from .options import EMBEDDING, GENERATION, task_of
 
 __all__ = ["TransformersRuntime", "estimate_memory"]
 
@@ -59,10 +59,18 @@ class TransformersRuntime(Runtime):
             torch.cuda.ipc_collect()
 
     def generates_text(self, spec: ModelSpec) -> bool:
-        try:
-            return task_of(read_config(spec.artifact), spec.config.parameters) == GENERATION
-        except ModelLoadError:
-            return False
+        return _task(spec) == GENERATION
+
+    def embeds_text(self, spec: ModelSpec) -> bool:
+        return _task(spec) == EMBEDDING
+
+
+def _task(spec: ModelSpec) -> str | None:
+    """The model's task as its folder tells it, or None when it cannot (the load will say why)."""
+    try:
+        return task_of(read_config(spec.artifact), spec.config.parameters)
+    except ModelLoadError:
+        return None
 
 
 def _load(spec: ModelSpec, placement: Placement):

@@ -33,13 +33,22 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from mmserver.embedding import INPUT_TOKENS, RETURN_INPUT_TOKENS, EmbeddingInputs, TextEmbedder
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator
 from mmserver.checkpoint import max_positions, read_config, weight_files
 from mmserver.memory import format_bytes
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
-from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec
+from mmserver.types import (
+    InferInput,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    RequestedOutput,
+    TensorSpec,
+)
 
 from .estimate import activation_allowance
 from .gpu_cache import empty_gpu_caches
@@ -188,9 +197,10 @@ class _TokenCounter:
 # ----------------------------------------------------------------------------- the model
 
 
-class TransformersModel(LoadedModel, TextGenerator):
-    """A loaded classification, embedding or generation model (the last also streams text
-    through ``mmserver.generation``: see ``streaming.py``)."""
+class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
+    """A loaded classification, embedding or generation model (an embedding model also serves
+    ``mmserver.embedding``; a generation model streams text through ``mmserver.generation``: see
+    ``streaming.py``)."""
 
     def __init__(self, model: Any, tokenizer: Any, options: Options, config: dict[str, Any],
                  device: str, dtype: str, label: str) -> None:
@@ -304,6 +314,33 @@ class TransformersModel(LoadedModel, TextGenerator):
         except Exception as exc:  # noqa: BLE001 - errors raised by the template itself
             raise InvalidInput(f"the chat template of model {self.label} rejects these messages: {exc}") from None
 
+    # -------------------------------------------------------------- text embedding contract
+
+    @property
+    def embeds_text(self) -> bool:
+        return self.task == EMBEDDING
+
+    @property
+    def embedding_size(self) -> int | None:
+        width = self._outputs[0].shape[-1] if self.task == EMBEDDING else -1
+        return width if width > 0 else None
+
+    def embedding_request(self, inputs: EmbeddingInputs) -> InferRequest:
+        wanted = [RequestedOutput("embedding")]
+        asked = {RETURN_INPUT_TOKENS: True}
+        if all(isinstance(item, str) for item in inputs):
+            texts = np.empty(len(inputs), dtype=object)
+            texts[:] = [item.encode("utf-8") for item in inputs]  # type: ignore[union-attr]
+            return InferRequest([InferInput(TEXT_INPUTS[0], "BYTES", texts)], outputs=wanted, parameters=asked)
+        width = max(len(row) for row in inputs)
+        ids = np.full((len(inputs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(inputs), width), dtype=np.int64)
+        for i, row in enumerate(inputs):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return InferRequest([InferInput(IDS_INPUT, "INT64", ids), InferInput(MASK_INPUT, "INT64", mask)],
+                            outputs=wanted, parameters=asked)
+
     # -------------------------------------------------------------- validation (event loop)
 
     def validate(self, request: InferRequest) -> None:
@@ -314,6 +351,7 @@ class TransformersModel(LoadedModel, TextGenerator):
                 )
         kind, primary, mask = self._layout(request)
         truncation = self._truncation(request)
+        _flag(request, RETURN_INPUT_TOKENS)
         if self.task == EMBEDDING:
             _flag(request, "normalize")
         gen = self._generation(request) if self.task == GENERATION else None
@@ -469,7 +507,20 @@ class TransformersModel(LoadedModel, TextGenerator):
                         results = self._embed(rows)
                     else:
                         results = self._generate(rows, gen)
-            return self._split(requests, results, counts, names)
+            responses = self._split(requests, results, counts, names)
+        self._report_input_tokens(requests, responses, rows, counts)
+        return responses
+
+    @staticmethod
+    def _report_input_tokens(requests: list[InferRequest], responses: list[InferResponse],
+                             rows: list[list[int]], counts: list[int]) -> None:
+        """The tokens each request's rows took, for the requests that ask
+        (``return_num_input_tokens``, as Triton's vLLM backend names it)."""
+        start = 0
+        for request, response, count in zip(requests, responses, counts):
+            if request.parameters.get(RETURN_INPUT_TOKENS) is True:
+                response.parameters[INPUT_TOKENS] = sum(len(row) for row in rows[start:start + count])
+            start += count
 
     def _token_rows(self, requests: list[InferRequest]) -> tuple[list[list[int]], list[int]]:
         """Every row of the batch as its list of attended token ids, and the rows per request."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mmserver.checkpoint import config_dtype
+from mmserver.embedding import RETURN_INPUT_TOKENS
 from mmserver.errors import ModelLoadError
 from mmserver.generation import V2_ALIASES, InvalidParameter, SamplingParams, parse_v2_sampling
 
@@ -126,7 +127,7 @@ class Options:
 
 
 #: what V2 inference on a generation model takes besides the sampling parameters and their aliases
-V2_GENERATION_FLAGS = frozenset({"truncation"})
+V2_GENERATION_FLAGS = frozenset({"truncation", RETURN_INPUT_TOKENS})
 
 
 def check_supported(params: SamplingParams) -> None:
