@@ -229,10 +229,11 @@ class ModelManager:
         return response
 
     @contextlib.asynccontextmanager
-    async def generating(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
-        """The loaded model, for a request that calls it directly (a streamed text generation):
-        loads a lazy or evicted one like ``infer`` does, and holds it in its batcher's in-flight
-        count for as long as the context lasts, so it is not evicted or unloaded underneath."""
+    async def holding(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
+        """The loaded model, for a request that calls it directly (a streamed text generation)
+        or in several parts (embeddings): loads a lazy or evicted one like ``infer`` does, and
+        holds it in its batcher's in-flight count for as long as the context lasts, so it is not
+        evicted or unloaded underneath."""
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
             batcher = await self._wait_until_ready(entry)

@@ -195,7 +195,7 @@ async def test_a_victim_that_got_a_request_after_it_was_chosen_is_not_evicted(tm
         a.model.offload_gate = asyncio.Event()
         load = asyncio.create_task(manager.infer(manager.entry("b"), request()))
         await wait_for(lambda: a.state is ModelState.UNLOADING, "a parking")
-        async with manager.generating(v):  # a stream starts on v while a parks
+        async with manager.holding(v):  # a stream starts on v while a parks
             a.model.offload_gate.set()
             with pytest.raises(InsufficientMemory, match="busy or loading: v:1"):
                 await asyncio.wait_for(load, 5)

@@ -1146,11 +1146,12 @@ def test_openai_embeddings_refusals(hf_server: Any, body: dict[str, Any], status
     assert message in error["message"] and error["param"] == param, error
 
 
-def test_a_lazy_embedding_model_is_listed_and_loads_on_its_first_embeddings_request(
+def test_a_lazy_embedding_model_is_listed_loads_on_its_first_request_and_queues_parts_in_turn(
         hf_repo: HFRepo, reference: Reference, tmp_path: Path, start_server: Any) -> None:
     folder = tiny_hf.link_model(hf_repo.folder("embedder"), tmp_path / "repo" / "lazy-embedder")
     (folder / "model.yaml").unlink()
-    (folder / "model.yaml").write_text("load: lazy\nparameters: {task: embedding}\n")
+    (folder / "model.yaml").write_text("load: lazy\nparameters: {task: embedding}\n"
+                                       "batching: {max_batch_size: 1, max_queue: 2}\n")
     with start_server(tmp_path / "repo", tmp_path / "server.log") as server:
         (row,) = httpx.post(f"{server.url}/v2/repository/index").json()
         assert row["state"] == "UNAVAILABLE" and row["reason"] == "loads on first request"
@@ -1160,5 +1161,11 @@ def test_a_lazy_embedding_model_is_listed_and_loads_on_its_first_embeddings_requ
                               timeout=60)
         assert response.status_code == 200, response.text
         assert np.allclose(response.json()["data"][0]["embedding"], reference.embedding(TEXTS[1]), atol=1e-4)
+        # one input per call and room for two in the queue: 12 inputs still pass, two at a time
+        many = httpx.post(f"{server.url}/v1/embeddings", json={"model": "lazy-embedder", "input": TEXTS * 3},
+                          timeout=60)
+        assert many.status_code == 200, many.text
+        expected = [reference.embedding(t) for t in TEXTS * 3]
+        assert np.allclose([d["embedding"] for d in many.json()["data"]], expected, atol=1e-4)
         (row,) = httpx.post(f"{server.url}/v2/repository/index").json()
         assert row["state"] == "READY"

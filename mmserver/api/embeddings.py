@@ -2,8 +2,9 @@
 embed text (``mmserver.embedding``).
 
 The request's inputs (a text, texts, token ids, or lists of token ids) become V2 requests of
-the model's own inputs, at most the model's ``max_batch_size`` inputs each, which run through the
-model's queue: requests from many clients are batched together as V2 requests are. ``encoding_format`` is ``float`` (lists of numbers) or
+the model's own inputs, at most the model's ``max_batch_size`` inputs each and at most
+``PARTS_IN_FLIGHT`` of them queued at once, which run through the model's queue: requests from
+many clients are batched together as V2 requests are. ``encoding_format`` is ``float`` (lists of numbers) or
 ``base64`` (little-endian float32 bytes, what the official client asks for by default).
 ``dimensions`` is taken only when it is the model's width: these models do not shorten their
 embeddings. ``usage`` counts the tokens embedded, as the model reports them. Errors are OpenAI's
@@ -12,6 +13,7 @@ error body.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from contextlib import AsyncExitStack
@@ -28,6 +30,7 @@ from ..entry import ModelEntry
 from ..errors import InferenceError, InvalidInput
 from ..generation import InvalidParameter
 from ..runtime import run_sync
+from ..types import InferRequest, InferResponse
 from .capability import EMBEDS_TEXT
 from .generate import (
     answer_failure,
@@ -46,6 +49,9 @@ EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions",
 ENCODINGS = ("float", "base64")
 #: the most inputs one request may carry (OpenAI's own limit)
 MAX_INPUTS = 2048
+#: parts of one request queued at once (at most the model's max_queue: one request alone must
+#: not fill its queue)
+PARTS_IN_FLIGHT = 4
 #: answers with up to this many numbers are encoded on the event loop
 INLINE_ENCODE_FLOATS = 1 << 16
 
@@ -115,9 +121,9 @@ def _document(body: dict[str, Any], vectors: np.ndarray, encoding: str) -> bytes
 async def _embed(request: Request, stack: AsyncExitStack, entry: ModelEntry, inputs: EmbeddingInputs,
                  dimensions: int | None) -> tuple[np.ndarray, int]:
     """The embeddings ``[N, D]`` of the inputs and the tokens embedded, the model loaded if
-    need be and held in ``stack`` until the answer is made."""
+    need be and held in ``stack`` (not evicted between its parts)."""
     manager = manager_of(request)
-    model = await stack.enter_async_context(manager.generating(entry))
+    model = await stack.enter_async_context(manager.holding(entry))
     embedder = as_embedder(model)
     if embedder is None:
         raise InvalidInput(f"model '{entry.key}' does not embed text")
@@ -125,12 +131,19 @@ async def _embed(request: Request, stack: AsyncExitStack, entry: ModelEntry, inp
     if dimensions is not None and dimensions != size:
         raise InvalidParameter(f"'dimensions' {dimensions} is not supported: model '{entry.name}' embeds into "
                                f"{size} dimensions and does not shorten its embeddings", "dimensions")
-    step = entry.batcher.max_rows if entry.batcher is not None else len(inputs)
+    batcher = entry.batcher
+    step = batcher.max_rows if batcher is not None else len(inputs)
     parts = [inputs[start:start + step] for start in range(0, len(inputs), step)]
     requests = [embedder.embedding_request(part) for part in parts]
     for part_request in requests:  # a bad input is refused before any work starts
         model.validate(part_request)
-    work = gather_all(manager.infer(entry, part_request) for part_request in requests)
+    in_flight = asyncio.Semaphore(min(PARTS_IN_FLIGHT, batcher.policy.max_queue) if batcher is not None else 1)
+
+    async def run(part_request: InferRequest) -> InferResponse:
+        async with in_flight:
+            return await manager.infer(entry, part_request)
+
+    work = gather_all(run(part_request) for part_request in requests)
     responses = await until_disconnected(work, request.receive, deadline_of(entry, request))
     vectors = [response.outputs[0].data for response in responses]
     for part, block, response in zip(parts, vectors, responses):

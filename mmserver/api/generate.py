@@ -96,7 +96,7 @@ def generating_entry(manager: ModelManager, name: str, version: str | None = Non
 
 async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry) -> TextGenerator:
     """The model as a text generator, loaded if need be and held in flight until ``stack`` closes."""
-    model = await stack.enter_async_context(manager.generating(entry))
+    model = await stack.enter_async_context(manager.holding(entry))
     generator = as_generator(model)
     if generator is None:
         raise InvalidInput(f"model '{entry.key}' does not generate text")
