@@ -27,6 +27,9 @@ class ModelEntry:
     loading: asyncio.Task[None] | None = None
     leaving: asyncio.Future[None] | None = None  # set while the model is unloaded or evicted
     served: bool = True
+    # the entry that took over this version when a rollover retired this one: a request that
+    # looked this entry up just before goes there, not to a 503
+    successor: ModelEntry | None = None
     unloaded_by_operator: bool = False
     evicted: bool = False  # unloaded or parked to make room: comes back on the next request
     parked: dict[str, int] | None = None  # device bytes the model held before it moved to host RAM
@@ -39,6 +42,14 @@ class ModelEntry:
     # what a request that names no outputs gets: the outputs model.yaml declares (else every one)
     default_outputs: list[RequestedOutput] = field(default_factory=list)
     metrics: ModelMetrics = field(default_factory=NoMetrics)
+
+    def current(self) -> ModelEntry:
+        """The entry that serves this one's requests now: itself, or its successor's current
+        entry once a rollover retired it."""
+        entry = self
+        while not entry.served and entry.successor is not None:
+            entry = entry.successor
+        return entry
 
     @property
     def key(self) -> str:

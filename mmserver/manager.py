@@ -211,7 +211,9 @@ class ModelManager:
         is_gone: Callable[[], bool] | None = None,
     ) -> InferResponse:
         """Run one request through its model's queue; loads a lazy model on first use.
-        ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``)."""
+        ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``). An entry
+        a rollover retired since it was looked up hands the request to its successor."""
+        entry = entry.current()
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
             batcher = await self._wait_until_ready_before(entry, deadline)
@@ -233,7 +235,8 @@ class ModelManager:
         """The loaded model, for a request that calls it directly (a streamed text generation)
         or in several parts (embeddings): loads a lazy or evicted one like ``infer`` does, and
         holds it in its batcher's in-flight count for as long as the context lasts, so it is not
-        evicted or unloaded underneath."""
+        evicted or unloaded underneath. A retired entry hands over to its successor."""
+        entry = entry.current()
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
             batcher = await self._wait_until_ready(entry)
@@ -315,8 +318,10 @@ class ModelManager:
             newest = select_versions([v for v in serving if v in served], "latest") or found.served
             self._default_version[name] = newest[0] if newest else ""
             retired = [e for e in current.values() if e not in wanted.values() or not e.served]
-            for entry in retired:  # a request still holding one gets 503, never loads an orphan
+            for entry in retired:  # a request holding one goes to its successor, never loads an orphan
                 entry.served = False
+                successor = wanted.get(entry.version)
+                entry.successor = successor if successor is not None and successor.served else None
             await asyncio.gather(*(self._unload(e, "replaced by a newer version or files")
                                    for e in retired if e.model is not None))
             for version in current.keys() - wanted.keys():  # its folder is gone

@@ -10,6 +10,7 @@ says what each stands in for; the manager, ledger, residency and batcher are the
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -134,7 +135,7 @@ async def test_a_failed_reload_of_new_files_keeps_the_serving_models_reservation
         assert manager.ledger.held(old) == {"cuda:0": 100 * MiB} == {"cuda:0": gpu.ours}
 
 
-async def test_a_request_holding_a_retired_entry_gets_503_and_loads_no_orphan(tmp_path):
+async def test_a_request_holding_a_retired_entry_is_answered_by_its_successor_and_loads_no_orphan(tmp_path):
     write_model(tmp_path, "a", 100, "load: lazy\n")
     manager, gpu, runtime = make_manager(tmp_path)
     async with serving(manager):
@@ -142,10 +143,18 @@ async def test_a_request_holding_a_retired_entry_gets_503_and_loads_no_orphan(tm
         await manager.infer(old, request())
         change_files(tmp_path, "a", "load: lazy\n")  # looked up, then the files change under it
         await manager.rescan()
-        assert manager.entry("a") is not old and old.model is None
-        with pytest.raises(ModelNotReady, match="replaced"):
-            await manager.infer(old, request())
+        new = manager.entry("a")
+        assert new is not old and old.model is None
+        response = await manager.infer(old, request())  # the V2 route looks the entry up before the body
+        assert response.model_version == "1" and new.state is ModelState.READY
+        async with manager.holding(old) as model:  # (a stream, or embeddings)
+            assert model is new.model
         assert old.model is None and runtime.loaded == ["a", "a"]  # the first load and the new files'
+        shutil.rmtree(tmp_path / "a")
+        await manager.rescan()  # the folder is gone: nothing takes over
+        with pytest.raises(ModelNotReady, match="its folder was removed"):
+            await manager.infer(old, request())
+        assert runtime.loaded == ["a", "a"]
     assert gpu.ours == 0
 
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -589,6 +590,28 @@ def test_a_stop_string_ends_a_v2_generation_at_its_token(loaded: dict[str, Any],
     assert pair["text_output"][0] == alone["text_output"][0]
 
 
+def test_stop_strings_cut_a_beam_search_checkpoints_rows(hf_repo: HFRepo, tmp_path: Path) -> None:
+    # beam search makes candidate rows of its own: the criterion stays out, the rows are cut after
+    folder = tmp_path / "beams"
+    shutil.copytree(hf_repo.folder("generator"), folder)
+    gen_config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen_config, "num_beams": 2}))
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder, threads=1), Placement()))
+    try:
+        plain = infer(model, text_request(TEXTS[0], TEXTS[1], max_tokens=8, temperature=0))[0]
+        first = plain["text_output"][0].decode()
+        stop = first[len(first) // 2:len(first) // 2 + 2]
+        assert stop.strip() and "\ufffd" not in stop
+        cut = infer(model, text_request(TEXTS[0], TEXTS[1], max_tokens=8, temperature=0, stop=[stop]))[0]
+        assert cut["text_output"][0].decode() == first[:first.index(stop)]
+        ids = [t for t in cut["output_ids"][0].tolist() if t >= 0]
+        decode = lambda tokens: model._decode(tokens)  # noqa: E731, SLF001
+        assert ids == plain["output_ids"][0].tolist()[:len(ids)]
+        assert stop in decode(ids) and stop not in decode(ids[:-1])  # up to the token that completes it
+    finally:
+        asyncio.run(model.unload())
+
+
 def test_compute_uses_the_models_thread_count(loaded: dict[str, Any]) -> None:
     import torch
 
@@ -1134,6 +1157,9 @@ def test_openai_embeddings_of_more_inputs_than_a_batch_keep_their_order(hf_serve
     ({"model": "embedder", "input": "a", "truncate": True}, 400, "truncate", "unrecognized request argument"),
     ({"input": "a"}, 400, "model", "you must provide a model"),
     ({"model": "embedder", "input": [[1, 10**6]]}, 400, None, "token ids must be in"),
+    ({"model": "embedder", "input": [[2**63]]}, 400, "input", "'input' must be"),  # beyond int64: not a 500
+    ({"model": "embedder", "input": [2**64 - 1, 5]}, 400, "input", "'input' must be"),
+    ({"model": "embedder", "input": [-1, 5]}, 400, "input", "'input' must be"),
     ({"model": "generator", "input": "a"}, 400, None, "does not embed text"),
     ({"model": "classifier", "input": "a"}, 400, None, "does not embed text"),
     ({"model": "nothing", "input": "a"}, 404, None, "does not exist"),
@@ -1146,7 +1172,7 @@ def test_openai_embeddings_refusals(hf_server: Any, body: dict[str, Any], status
     assert message in error["message"] and error["param"] == param, error
 
 
-def test_a_lazy_embedding_model_is_listed_loads_on_its_first_request_and_queues_parts_in_turn(
+def test_a_lazy_embedding_model_loads_on_its_first_request_queues_parts_in_turn_and_unloads(
         hf_repo: HFRepo, reference: Reference, tmp_path: Path, start_server: Any) -> None:
     folder = tiny_hf.link_model(hf_repo.folder("embedder"), tmp_path / "repo" / "lazy-embedder")
     (folder / "model.yaml").unlink()
@@ -1169,3 +1195,20 @@ def test_a_lazy_embedding_model_is_listed_loads_on_its_first_request_and_queues_
         assert np.allclose([d["embedding"] for d in many.json()["data"]], expected, atol=1e-4)
         (row,) = httpx.post(f"{server.url}/v2/repository/index").json()
         assert row["state"] == "READY"
+        # an operator's unload while a request of 2048 parts runs: both end (its parts queued
+        # under the model's hold would have waited for the unload, which waited for the hold)
+        result: dict[str, Any] = {}
+
+        def embed() -> None:
+            body = {"model": "lazy-embedder", "input": [f"the dog {i}" for i in range(2048)]}
+            result["response"] = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60)
+
+        worker = threading.Thread(target=embed)
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive(), "the request ended before the unload"
+        unload = httpx.post(f"{server.url}/v2/repository/models/lazy-embedder/unload", timeout=30)
+        worker.join(60)
+        assert unload.status_code == 200 and not worker.is_alive()
+        assert result["response"].status_code == 503
+        assert "unloaded by request" in result["response"].json()["error"]["message"]

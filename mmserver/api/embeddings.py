@@ -4,8 +4,9 @@ embed text (``mmserver.embedding``).
 The request's inputs (a text, texts, token ids, or lists of token ids) become V2 requests of
 the model's own inputs, at most the model's ``max_batch_size`` inputs each and at most
 ``PARTS_IN_FLIGHT`` of them queued at once, which run through the model's queue: requests from
-many clients are batched together as V2 requests are. ``encoding_format`` is ``float`` (lists of numbers) or
-``base64`` (little-endian float32 bytes, what the official client asks for by default).
+many clients are batched together as V2 requests are. ``encoding_format`` is ``float`` (lists
+of numbers) or ``base64`` (little-endian float32 bytes, what the official client asks for by
+default).
 ``dimensions`` is taken only when it is the model's width: these models do not shorten their
 embeddings. ``usage`` counts the tokens embedded, as the model reports them. Errors are OpenAI's
 error body.
@@ -59,7 +60,7 @@ INLINE_ENCODE_FLOATS = 1 << 16
 def _inputs(value: Any) -> EmbeddingInputs:
     """The inputs of an embeddings request: a string, a list of strings, a list of token ids or a
     list of lists of token ids, none of them empty."""
-    if isinstance(value, str) or (isinstance(value, list) and value and all(type(t) is int for t in value)):
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_token(t) for t in value)):
         value = [value]
     if not isinstance(value, list) or not value:
         raise InvalidParameter("'input' must be a string, a list of strings, or (lists of) token ids", "input")
@@ -70,9 +71,14 @@ def _inputs(value: Any) -> EmbeddingInputs:
         if empty is not None:
             raise InvalidParameter(f"input {empty} is an empty string", "input")
         return value
-    if all(isinstance(row, list) and row and all(type(t) is int for t in row) for row in value):
+    if all(isinstance(row, list) and row and all(_is_token(t) for t in row) for row in value):
         return value
     raise InvalidParameter("'input' must be a string, a list of strings, or (lists of) token ids", "input")
+
+
+def _is_token(value: Any) -> bool:
+    """A token id: an integer from 0 that fits the models' int64 ids."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
@@ -120,8 +126,10 @@ def _document(body: dict[str, Any], vectors: np.ndarray, encoding: str) -> bytes
 
 async def _embed(request: Request, stack: AsyncExitStack, entry: ModelEntry, inputs: EmbeddingInputs,
                  dimensions: int | None) -> tuple[np.ndarray, int]:
-    """The embeddings ``[N, D]`` of the inputs and the tokens embedded, the model loaded if
-    need be and held in ``stack`` (not evicted between its parts)."""
+    """The embeddings ``[N, D]`` of the inputs and the tokens embedded. The model is loaded if
+    need be and held in ``stack`` while the parts are made and checked; the parts then run
+    through its queue as any V2 request does (not under the hold: an unload drains the queue
+    but waits for every hold, so a part queued by a holder would wait for itself)."""
     manager = manager_of(request)
     model = await stack.enter_async_context(manager.holding(entry))
     embedder = as_embedder(model)
@@ -131,13 +139,14 @@ async def _embed(request: Request, stack: AsyncExitStack, entry: ModelEntry, inp
     if dimensions is not None and dimensions != size:
         raise InvalidParameter(f"'dimensions' {dimensions} is not supported: model '{entry.name}' embeds into "
                                f"{size} dimensions and does not shorten its embeddings", "dimensions")
-    batcher = entry.batcher
+    batcher = entry.current().batcher
     step = batcher.max_rows if batcher is not None else len(inputs)
     parts = [inputs[start:start + step] for start in range(0, len(inputs), step)]
     requests = [embedder.embedding_request(part) for part in parts]
     for part_request in requests:  # a bad input is refused before any work starts
         model.validate(part_request)
     in_flight = asyncio.Semaphore(min(PARTS_IN_FLIGHT, batcher.policy.max_queue) if batcher is not None else 1)
+    await stack.aclose()
 
     async def run(part_request: InferRequest) -> InferResponse:
         async with in_flight:
@@ -162,8 +171,9 @@ def routes() -> list[BaseRoute]:
 
 OPENAPI_SCHEMAS: dict[str, Any] = {
     "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
-        "model": {"type": "string"}, "input": {}, "encoding_format": {"type": "string", "enum": list(ENCODINGS)},
-        "dimensions": {"type": "integer"}, "user": {"type": "string"}}},
+        "model": {"type": "string"}, "input": {},
+        "encoding_format": {"type": "string", "enum": list(ENCODINGS), "nullable": True},
+        "dimensions": {"type": "integer", "minimum": 1, "nullable": True}, "user": {"type": "string"}}},
     "Embeddings": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
         "object": {"type": "string"}, "model": {"type": "string"},
         "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],

@@ -505,7 +505,7 @@ def _openapi() -> dict[tuple[str, str], dict[str, Any]]:
     errors = (400, 401, 404, 408, 413, 415, 429, 500, 503, 504, 507)
     for prefix in OPENAI_PREFIXES:
         operations[("get", prefix + "/models")] = {
-            "summary": "The models that generate text (OpenAI)", "responses": {"200": {
+            "summary": "The models that generate or embed text (OpenAI)", "responses": {"200": {
                 "description": "OK", **ok("OpenAIModelList")}, "401": error}}
         operations[("get", prefix + "/models/{model}")] = {
             "summary": "One model (OpenAI)",

@@ -597,7 +597,8 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         config = self.generation_config_for(gen, gen.max_tokens)
         eos = set() if gen.ignore_eos else self.eos_ids
         watch = StopStrings(len(rows), ids.shape[1], gen.stop, eos, self._decode) if gen.stop else None
-        extra = {"stopping_criteria": StoppingCriteriaList([watch])} if watch is not None else {}
+        one_per_row = getattr(config, "num_beams", None) in (None, 1)  # beam candidates are rows too
+        extra = {"stopping_criteria": StoppingCriteriaList([watch])} if watch is not None and one_per_row else {}
         out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask, **extra)
         finished = []
         for index, row in enumerate(out[:, ids.shape[1]:].cpu().tolist()):

@@ -23,12 +23,26 @@ class _Row:
     def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...]) -> None:
         self.text = IncrementalText(decode, stop)
         self.pieces: list[str] = []
+        self.seen = 0  # generated tokens the text has been given
         self.done = False
         self.stopped_at: int | None = None  # generated tokens up to the one completing a stop string
 
+    def advance(self, tokens: list[int]) -> None:
+        """Give the text every new token one at a time (a step may bring several), up to the
+        one that completes a stop string."""
+        for end in range(self.seen + 1, len(tokens) + 1):
+            self.pieces.append(self.text.push(tokens[:end]))
+            self.seen = end
+            if self.text.matched is not None:
+                self.done = True
+                self.stopped_at = end
+                return
+
 
 class StopStrings(StoppingCriteria):
-    """Watches the rows of one ``generate`` call, whose prompts (left padded) are ``width`` wide."""
+    """Watches the rows of one ``generate`` call, whose prompts (left padded) are ``width`` wide.
+    Install it only for a search that keeps one sequence per row (not beam search, whose
+    candidates are rows of their own); ``finish`` ends the rows either way."""
 
     def __init__(self, rows: int, width: int, stop: tuple[str, ...], eos: set[int],
                  decode: Callable[[Sequence[int]], str]) -> None:
@@ -37,17 +51,15 @@ class StopStrings(StoppingCriteria):
         self.rows = [_Row(decode, stop) for _ in range(rows)]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        generated = input_ids[:, self.width:].tolist()
-        for row, tokens in zip(self.rows, generated):
+        if input_ids.shape[0] != len(self.rows):
+            raise ValueError(f"StopStrings watches {len(self.rows)} rows, not {input_ids.shape[0]}")
+        for row, tokens in zip(self.rows, input_ids[:, self.width:].tolist()):
             if row.done:
                 continue
-            if tokens and tokens[-1] in self.eos:  # generate ends this row itself
+            end = next((i for i, t in enumerate(tokens) if t in self.eos), None)
+            row.advance(tokens if end is None else tokens[:end])
+            if end is not None:  # generate ends this row itself
                 row.done = True
-                continue
-            row.pieces.append(row.text.push(tokens))
-            if row.text.matched is not None:
-                row.done = True
-                row.stopped_at = len(tokens)
         return torch.tensor([row.stopped_at is not None for row in self.rows], dtype=torch.bool,
                             device=input_ids.device)
 
@@ -55,7 +67,8 @@ class StopStrings(StoppingCriteria):
         """Row ``index``'s tokens (cut before end-of-sequence already) and text once generation
         ended: up to the token that completed a stop string, the text cut before it."""
         row = self.rows[index]
+        if row.stopped_at is None:
+            row.advance(tokens)
         if row.stopped_at is not None:
             return tokens[:row.stopped_at], "".join(row.pieces)
-        row.pieces.append(row.text.push(tokens))
         return tokens, "".join(row.pieces) + row.text.flush()
