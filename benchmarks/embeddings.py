@@ -12,8 +12,8 @@ other load on the machine falls on all of them alike:
 - ``base64``: ``POST /v1/embeddings`` as the official client sends it (``base64``).
 
 Each figure is the median over ``--rounds`` rounds of requests per second; the ratios are each
-OpenAI variant over V2 (the route's own work: holding the model, counting tokens, shaping the
-answer). The target is at least 0.9.
+OpenAI variant over V2 (the route's own work: holding the model while it splits the inputs into
+V2 requests, and shaping the answer). The target is at least 0.9.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from contextlib import AsyncExitStack
 from typing import Any
 
 import numpy as np
@@ -34,8 +33,8 @@ from ..runtime import run_sync
 from ..types import InferRequest, InferResponse
 from .capability import EMBEDS_TEXT
 from .generate import (
-    answer_failure,
     deadline_of,
+    failure_response,
     gather_all,
     manager_of,
     openapi_operation,
@@ -102,12 +101,10 @@ async def embeddings(request: Request) -> Response:
     manager = manager_of(request)
     entry = openai_entry(manager, doc["model"], EMBEDS_TEXT)
     started = time.perf_counter()
-    stack = AsyncExitStack()
     try:
-        vectors, tokens = await _embed(request, stack, entry, inputs, dimensions)
-        await stack.aclose()
+        vectors, tokens = await _embed(request, entry, inputs, dimensions)
     except BaseException as exc:
-        return await answer_failure(entry, started, stack, exc)
+        return failure_response(entry, started, exc)
     body = {"object": "list", "data": None, "model": entry.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     if vectors.size <= INLINE_ENCODE_FLOATS:
@@ -124,29 +121,28 @@ def _document(body: dict[str, Any], vectors: np.ndarray, encoding: str) -> bytes
     return encode_json({**body, "data": data})
 
 
-async def _embed(request: Request, stack: AsyncExitStack, entry: ModelEntry, inputs: EmbeddingInputs,
+async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs,
                  dimensions: int | None) -> tuple[np.ndarray, int]:
     """The embeddings ``[N, D]`` of the inputs and the tokens embedded. The model is loaded if
-    need be and held in ``stack`` while the parts are made and checked; the parts then run
-    through its queue as any V2 request does (not under the hold: an unload drains the queue
-    but waits for every hold, so a part queued by a holder would wait for itself)."""
+    need be and held while the parts are made and checked; the parts then run through its queue
+    as any V2 request does (not under the hold: an unload drains the queue but waits for every
+    hold, so a part queued by a holder would wait for itself)."""
     manager = manager_of(request)
-    model = await stack.enter_async_context(manager.holding(entry))
-    embedder = as_embedder(model)
-    if embedder is None:
-        raise InvalidInput(f"model '{entry.key}' does not embed text")
-    size = embedder.embedding_size
-    if dimensions is not None and dimensions != size:
-        raise InvalidParameter(f"'dimensions' {dimensions} is not supported: model '{entry.name}' embeds into "
-                               f"{size} dimensions and does not shorten its embeddings", "dimensions")
-    batcher = entry.current().batcher
-    step = batcher.max_rows if batcher is not None else len(inputs)
-    parts = [inputs[start:start + step] for start in range(0, len(inputs), step)]
-    requests = [embedder.embedding_request(part) for part in parts]
-    for part_request in requests:  # a bad input is refused before any work starts
-        model.validate(part_request)
-    in_flight = asyncio.Semaphore(min(PARTS_IN_FLIGHT, batcher.policy.max_queue) if batcher is not None else 1)
-    await stack.aclose()
+    async with manager.holding(entry) as model:
+        embedder = as_embedder(model)
+        if embedder is None:
+            raise InvalidInput(f"model '{entry.key}' does not embed text")
+        size = embedder.embedding_size
+        if dimensions is not None and dimensions != size:
+            raise InvalidParameter(f"'dimensions' {dimensions} is not supported: model '{entry.name}' embeds "
+                                   f"into {size} dimensions and does not shorten its embeddings", "dimensions")
+        batcher = entry.current().batcher
+        assert batcher is not None  # held: ready, with its queue
+        parts = [inputs[start:start + batcher.max_rows] for start in range(0, len(inputs), batcher.max_rows)]
+        requests = [embedder.embedding_request(part) for part in parts]
+        for part_request in requests:  # a bad input is refused before any work starts
+            model.validate(part_request)
+        in_flight = asyncio.Semaphore(min(PARTS_IN_FLIGHT, batcher.policy.max_queue))
 
     async def run(part_request: InferRequest) -> InferResponse:
         async with in_flight:

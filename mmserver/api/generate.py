@@ -250,9 +250,14 @@ async def _first(events: AsyncIterator[bytes]) -> bytes | None:
 
 async def answer_failure(entry: ModelEntry | None, started: float, stack: AsyncExitStack,
                          error: BaseException) -> Response:
-    """Release the model, count the failure, and re-raise it for the route's error body; a client
-    that left gets an empty 499 (nobody reads it, but the access log shows why)."""
+    """Release the model, then ``failure_response``."""
     await stack.aclose()
+    return failure_response(entry, started, error)
+
+
+def failure_response(entry: ModelEntry | None, started: float, error: BaseException) -> Response:
+    """Count the failure and re-raise it for the route's error body; a client that left gets an
+    empty 499 (nobody reads it, but the access log shows why)."""
     fail(entry, started, error)
     if isinstance(error, ClientDisconnected):
         return Response(b"", status_code=499)
