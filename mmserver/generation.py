@@ -329,11 +329,15 @@ class IncrementalText:
     """Text deltas from a sequence's growing token ids, for engines that do not detokenize
     incrementally: decodes the whole sequence each time (outputs are short), holds back a tail
     that is an incomplete UTF-8 character (decoded as U+FFFD) or that could start a stop string,
-    and cuts the text before the first stop string that appears."""
+    and cuts the text before the first stop string that appears. As vLLM does, stop strings are
+    looked for only once the sequence is longer than ``min_tokens``: text handed out before then
+    is never searched again."""
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...] = (),
+                 min_tokens: int = 0) -> None:
         self.decode = decode
         self.stop = stop
+        self.min_tokens = min_tokens
         self.sent = 0  # characters of the decoded text already handed out
         self.text = ""
         self.matched: str | None = None
@@ -344,7 +348,7 @@ class IncrementalText:
         if self.matched is not None:
             return ""
         self.text = self.decode(token_ids)
-        hit = self._first_stop()
+        hit = self._first_stop() if len(token_ids) > self.min_tokens else None
         if hit is not None:
             position, self.matched = hit
             return self._take(position)

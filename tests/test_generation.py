@@ -117,6 +117,19 @@ def test_incremental_text_stop_strings() -> None:
     assert text.matched is None
 
 
+def test_incremental_text_looks_for_stop_strings_only_after_min_tokens() -> None:
+    pieces = {1: "ab", 2: "cd", 3: "ab", 4: "e"}
+    text = IncrementalText(_decoder(pieces), stop=("ab",), min_tokens=1)
+    assert text.push([1]) == "ab"  # one token, not more than min_tokens: no stop string yet
+    assert text.push([1, 2]) == "cd"
+    assert text.push([1, 2, 3]) == "" and text.matched == "ab"  # the second one counts
+    # a stop string that spans the last token before the limit and the first after it counts
+    text = IncrementalText(_decoder({1: "xa", 2: "b", 3: "c"}), stop=("ab",), min_tokens=1)
+    assert text.push([1]) == "x"  # "a" may start the stop string: held back
+    assert text.push([1, 2]) == "" and text.matched == "ab"
+    assert IncrementalText(_decoder(pieces), stop=("ab",)).push([1]) == ""  # without min_tokens, at once
+
+
 def test_completion_gathers_chunks() -> None:
     done = Completion(0)
     done.add(GenerationChunk(0, "a", (1,), 3, 1))

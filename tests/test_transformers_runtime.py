@@ -774,6 +774,30 @@ def test_http_v2_stop_ends_as_generate_does(hf_server: Any, reference: Reference
     assert stop in reference.generator_tok.decode(ids) and stop not in reference.generator_tok.decode(ids[:-1])
 
 
+def test_stop_strings_count_only_after_min_tokens_as_in_vllm(hf_server: Any, reference: Reference) -> None:
+    # a stop string completed within the first min_tokens tokens is passed over; one more and it ends the text
+    tok = reference.generator_tok
+    for prompt in TEXTS:
+        greedy, stop, needed = _stop_within(reference, prompt, 12)
+        full = tok.decode(greedy, skip_special_tokens=True)
+        if full.count(stop) == 1:  # it does not come again later
+            break
+    else:
+        pytest.fail("no prompt whose greedy text holds its stop string once")
+    for min_tokens, text in ((needed, full), (needed - 1, full[:full.index(stop)])):
+        parameters = {"max_tokens": 12, "temperature": 0, "stop": [stop], "min_tokens": min_tokens}
+        batched = outputs_of(post(hf_server, "generator", [text_input(prompt)], parameters=parameters))
+        assert batched["text_output"]["data"] == [text], min_tokens
+        assert (batched["output_ids"]["data"] == greedy) == (text == full)
+        body = {"model": "generator", "prompt": prompt, **parameters}
+        whole = httpx.post(f"{hf_server.url}/v1/completions", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["text"] == text, min_tokens
+        streamed = httpx.post(f"{hf_server.url}/v1/completions", json={**body, "stream": True}, timeout=60)
+        docs = [json.loads(event) for event in _events(streamed)[:-1]]
+        assert "".join(d["choices"][0]["text"] for d in docs if d["choices"]) == text, min_tokens
+
+
 @pytest.mark.parametrize("model", ["classifier", "embedder", "generator"])
 def test_v2_infer_reports_the_input_tokens_when_asked(hf_server: Any, reference: Reference, model: str) -> None:
     tok = {"classifier": reference.classifier_tok, "embedder": reference.embedder_tok,

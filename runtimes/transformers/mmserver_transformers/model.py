@@ -596,7 +596,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         assert gen.max_tokens is not None
         config = self.generation_config_for(gen, gen.max_tokens)
         eos = set() if gen.ignore_eos else self.eos_ids
-        watch = StopStrings(len(rows), ids.shape[1], gen.stop, eos, self._decode) if gen.stop else None
+        watch = StopStrings(len(rows), ids.shape[1], gen.stop, eos, self._decode, gen.min_tokens) if gen.stop else None
         one_per_row = getattr(config, "num_beams", None) in (None, 1)  # beam candidates are rows too
         extra = {"stopping_criteria": StoppingCriteriaList([watch])} if watch is not None and one_per_row else {}
         out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask, **extra)

@@ -20,8 +20,8 @@ from mmserver.generation import IncrementalText
 class _Row:
     """One generated row: its text so far, and where a stop string or end-of-sequence ended it."""
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...]) -> None:
-        self.text = IncrementalText(decode, stop)
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: tuple[str, ...], min_tokens: int) -> None:
+        self.text = IncrementalText(decode, stop, min_tokens)
         self.pieces: list[str] = []
         self.seen = 0  # generated tokens the text has been given
         self.done = False
@@ -42,13 +42,14 @@ class _Row:
 class StopStrings(StoppingCriteria):
     """Watches the rows of one ``generate`` call, whose prompts (left padded) are ``width`` wide.
     Install it only for a search that keeps one sequence per row (not beam search, whose
-    candidates are rows of their own); ``finish`` ends the rows either way."""
+    candidates are rows of their own); ``finish`` ends the rows either way. Stop strings count
+    only after ``min_tokens`` generated tokens, as in ``IncrementalText``."""
 
     def __init__(self, rows: int, width: int, stop: tuple[str, ...], eos: set[int],
-                 decode: Callable[[Sequence[int]], str]) -> None:
+                 decode: Callable[[Sequence[int]], str], min_tokens: int = 0) -> None:
         self.width = width
         self.eos = eos
-        self.rows = [_Row(decode, stop) for _ in range(rows)]
+        self.rows = [_Row(decode, stop, min_tokens) for _ in range(rows)]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if input_ids.shape[0] != len(self.rows):

@@ -94,7 +94,7 @@ async def _one_sequence(model: TransformersModel, ids: list[int], params: Sampli
     job = loop.run_in_executor(None, _generate, model, ids, params, max_tokens, seed, cancel,
                                _Streamer(loop, queue))
     job.add_done_callback(lambda done: (done.exception(), queue.put_nowait(("done", done))))
-    text = IncrementalText(lambda tokens: counter.decode(tokens), params.stop)
+    text = IncrementalText(lambda tokens: counter.decode(tokens), params.stop, params.min_tokens)
     eos = set() if params.ignore_eos else model.eos_ids
     generated: list[int] = []  # every token, the end-of-sequence one included (it is counted)
     visible: list[int] = []
