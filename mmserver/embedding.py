@@ -13,7 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from .types import InferRequest
+import numpy as np
+
+from .token_inputs import padded_ids
+from .types import InferInput, InferRequest, RequestedOutput
 
 #: what the route takes: texts, or lists of token ids
 EmbeddingInputs = Sequence[str] | Sequence[Sequence[int]]
@@ -40,6 +43,20 @@ class TextEmbedder(ABC):
         """A V2 request of this model's inputs that computes the embedding of every input, in
         order, as its one output ``[N, D]``, with ``RETURN_INPUT_TOKENS`` set: its response's
         parameter ``INPUT_TOKENS`` is the number of tokens embedded."""
+
+
+def embedding_request(inputs: EmbeddingInputs, text_input: str, pad_id: int,
+                      output: str = "embedding") -> InferRequest:
+    """The V2 request of a model that takes texts as BYTES ``text_input`` and token ids as
+    ``input_ids`` with ``attention_mask`` (right padded with ``pad_id``), for ``output`` with
+    ``RETURN_INPUT_TOKENS`` set."""
+    wanted = [RequestedOutput(output)]
+    asked = {RETURN_INPUT_TOKENS: True}
+    if all(isinstance(item, str) for item in inputs):
+        texts = np.empty(len(inputs), dtype=object)
+        texts[:] = [item.encode("utf-8") for item in inputs]  # type: ignore[union-attr]
+        return InferRequest([InferInput(text_input, "BYTES", texts)], outputs=wanted, parameters=asked)
+    return InferRequest(list(padded_ids(inputs, pad_id)), outputs=wanted, parameters=asked)  # type: ignore[arg-type]
 
 
 def as_embedder(model: object) -> TextEmbedder | None:

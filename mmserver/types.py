@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidInput
+
 Parameters = dict[str, Any]
 
 
@@ -49,6 +51,13 @@ class InferRequest:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(out.name for out in self.outputs)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """The boolean request parameter ``name``; ``InvalidInput`` when it is not true or false."""
+        value = self.parameters.get(name, default)
+        if type(value) is not bool:
+            raise InvalidInput(f"parameter '{name}' is {value!r}; expected true or false")
+        return value
 
 
 @dataclass(slots=True)

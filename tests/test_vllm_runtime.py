@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from conftest import RunningServer, running_server
@@ -43,6 +44,8 @@ PROMPT = "the quick dog ran along the river"
 #: the vLLM models of the shared server, and the transformers generator (forced by model.yaml)
 VLLM_MODELS = ("llm-a", "llm-b")
 TF_MODEL = "tf-gen"
+#: llm-b's checkpoint as a lazily loaded vLLM embedding model (the pooling runner)
+EMBEDDER = "llm-embed"
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -51,8 +54,9 @@ TF_MODEL = "tf-gen"
 @pytest.fixture(scope="session")
 def llm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """llm-a (detected as vllm, 4096 positions), llm-b (vllm, its own engine options), tf-gen (the
-    same checkpoint as llm-b, forced onto the transformers runtime) and iris (scikit-learn, trained
-    here: the repository of the other end-to-end tests needs XGBoost, which a GPU image may lack)."""
+    same checkpoint as llm-b, forced onto the transformers runtime), llm-embed (llm-b's checkpoint
+    embedding, loaded on its first request) and iris (scikit-learn, trained here: the repository
+    of the other end-to-end tests needs XGBoost, which a GPU image may lack)."""
     import joblib
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
@@ -64,6 +68,9 @@ def llm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "parameters: {max_num_seqs: 8, kv_cache_memory_bytes: 128MiB, max_tokens: 12}\n")
     shutil.copytree(root / "llm-b", root / TF_MODEL)
     (root / TF_MODEL / "model.yaml").write_text("runtime: transformers\nparameters: {threads: 1}\n")
+    shutil.copytree(root / "llm-b", root / EMBEDDER)
+    (root / EMBEDDER / "model.yaml").write_text(
+        "load: lazy\nparameters: {task: embedding, max_num_seqs: 4, kv_cache_memory_bytes: 64MiB}\n")
     (root / "iris" / "1").mkdir(parents=True)
     joblib.dump(LogisticRegression(max_iter=1000).fit(*load_iris(return_X_y=True)), root / "iris" / "1" / "model.joblib")
     return root
@@ -151,6 +158,19 @@ def test_only_generators_are_vllm_models(tmp_path: Path) -> None:
     assert not VllmRuntime().matches(tmp_path / "missing")
 
 
+def test_the_task_in_model_yaml_says_which_routes_a_vllm_model_serves(llm_repo: Path) -> None:
+    from mmserver.spec import ModelConfig, ModelSpec
+    from mmserver_vllm import VllmRuntime
+
+    def spec(**parameters: Any) -> ModelSpec:
+        return ModelSpec("m", "1", llm_repo / "llm-b", "vllm", ModelConfig(parameters=parameters), "model.yaml")
+
+    runtime = VllmRuntime()
+    assert runtime.generates_text(spec()) and not runtime.embeds_text(spec())
+    assert runtime.embeds_text(spec(task="embedding")) and not runtime.generates_text(spec(task="embedding"))
+    assert not runtime.embeds_text(spec(task="rerank")) and not runtime.generates_text(spec(task="rerank"))
+
+
 def test_engine_options_from_model_yaml(llm_repo: Path) -> None:
     from mmserver.errors import ModelLoadError
     from mmserver_vllm.options import ENGINE_HOST_OVERHEAD, Options
@@ -159,7 +179,7 @@ def test_engine_options_from_model_yaml(llm_repo: Path) -> None:
     assert (options.kv_cache_bytes, options.max_num_seqs, options.max_model_len) == (128 * 2**20, 8, 256)
     assert options.enforce_eager and options.run_dtype == "bfloat16"
     for bad in ({"max_num_seqs": 0}, {"kv_cache_memory_bytes": "lots"}, {"dtype": "int3"},
-                {"enforce_eager": "yes"}, {"sleep_level": 3}):
+                {"enforce_eager": "yes"}, {"sleep_level": 3}, {"task": "classification"}):
         with pytest.raises(ModelLoadError):
             Options.parse(llm_repo / "llm-b", "cpu", bad, None)
     gpu = Options.parse(llm_repo / "llm-a", "cuda:0", {}, 2 * 2**30)  # the declared size sizes the KV cache
@@ -437,7 +457,7 @@ def test_generate_stream(llm_server: RunningServer) -> None:
 def test_openai_completions(llm_server: RunningServer, tokenizer: Any) -> None:
     with client(llm_server) as openai_client:
         models = {m.id for m in openai_client.models.list().data}
-        assert models == {*VLLM_MODELS, TF_MODEL}  # iris does not generate text
+        assert models == {*VLLM_MODELS, TF_MODEL, EMBEDDER}  # iris neither generates nor embeds text
         first = openai_client.completions.create(model="llm-a", prompt=PROMPT, max_tokens=20, temperature=0,
                                                  extra_body={"ignore_eos": True})
         second = openai_client.completions.create(model="llm-a", prompt=PROMPT, max_tokens=20, temperature=0,
@@ -542,6 +562,76 @@ def test_sampling_with_seed_and_n(llm_server: RunningServer) -> None:
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in second.choices]  # seeded
     assert 2 <= first.usage.completion_tokens <= 16  # both sequences are counted
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _reference_embeddings(folder: Path, tokenizer: Any, texts: list[str]) -> Any:
+    """What vLLM's pooling runner makes of a decoder: its last token's final hidden state, unit
+    length, computed here by transformers in float32."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            last = model(input_ids=ids).last_hidden_state[0, -1]
+            rows.append(torch.nn.functional.normalize(last, dim=0).numpy())
+    return np.stack(rows)
+
+
+def test_an_embedding_engine_serves_the_embeddings_route_and_v2(llm_server: RunningServer, llm_repo: Path,
+                                                                 tokenizer: Any) -> None:
+    texts = [PROMPT, "hi there", "a third and longer text to embed"]
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    with client(llm_server) as openai_client:
+        answer = openai_client.embeddings.create(model=EMBEDDER, input=texts)  # a lazy model: it loads now
+        by_ids = openai_client.embeddings.create(model=EMBEDDER, input=ids, encoding_format="float")
+    vectors = np.array([item.embedding for item in answer.data])
+    assert vectors.shape == (3, 64) and [item.index for item in answer.data] == [0, 1, 2]
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens == sum(len(row) for row in ids)
+    reference = _reference_embeddings(llm_repo / EMBEDDER, tokenizer, texts)
+    cosine = (vectors * reference).sum(axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine.min() > 0.99, cosine  # bfloat16 in the engine
+    assert np.allclose(np.array([item.embedding for item in by_ids.data]), vectors, atol=1e-3)
+
+    # V2: texts, or token ids right padded with their attention mask, to embedding FP32 [N, 64]
+    width = max(len(row) for row in ids)
+    padded = [row + [0] * (width - len(row)) for row in ids]
+    mask = [[1] * len(row) + [0] * (width - len(row)) for row in ids]
+    for inputs in ([{"name": "text_input", "shape": [3], "datatype": "BYTES", "data": texts}],
+                   [{"name": "input_ids", "shape": [3, width], "datatype": "INT64", "data": padded},
+                    {"name": "attention_mask", "shape": [3, width], "datatype": "INT64", "data": mask}]):
+        response = post(llm_server, f"/v2/models/{EMBEDDER}/infer",
+                        {"inputs": inputs, "parameters": {"return_num_input_tokens": True}})
+        assert response.status_code == 200, response.text
+        (output,) = response.json()["outputs"]
+        assert (output["name"], output["datatype"], output["shape"]) == ("embedding", "FP32", [3, 64])
+        assert np.allclose(np.array(output["data"]).reshape(3, 64), vectors, atol=1e-3)
+        assert response.json()["parameters"] == {"num_input_tokens": sum(len(row) for row in ids)}
+    metadata = httpx.get(f"{llm_server.url}/v2/models/{EMBEDDER}").json()
+    assert metadata["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 64]}]
+    assert metadata["parameters"]["task"] == "embedding"
+
+    # what an embedding model does not do gets a 400 naming it
+    text_input = [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]
+    for body, named in (({"inputs": text_input, "parameters": {"temperature": 0}}, "temperature"),
+                        ({"inputs": text_input, "outputs": [{"name": "text_output"}]}, "text_output"),
+                        ({"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64",
+                                      "data": [1, 10**6]}]}, "input_ids")):
+        refused = post(llm_server, f"/v2/models/{EMBEDDER}/infer", body)
+        assert refused.status_code == 400 and named in refused.json()["error"], refused.text
+    for path, body in (("/v1/completions", {"model": EMBEDDER, "prompt": "hi"}),
+                       (f"/v2/models/{EMBEDDER}/generate", {"text_input": "hi"})):
+        refused = post(llm_server, path, body)
+        assert refused.status_code == 400 and "does not generate text" in refused.text, refused.text
+    refused = post(llm_server, "/v1/embeddings", {"model": "llm-a", "input": "hi"})
+    assert refused.status_code == 400 and "does not embed text" in refused.text, refused.text
+    unloaded = post(llm_server, f"/v2/repository/models/{EMBEDDER}/unload", {})
+    assert unloaded.status_code == 200, unloaded.text  # its engine's memory goes back for the tests after
 
 
 # ----------------------------------------------------------------------------- errors

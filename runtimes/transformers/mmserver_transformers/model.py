@@ -33,20 +33,20 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from mmserver.embedding import INPUT_TOKENS, RETURN_INPUT_TOKENS, EmbeddingInputs, TextEmbedder
+from mmserver.embedding import INPUT_TOKENS, RETURN_INPUT_TOKENS, EmbeddingInputs, TextEmbedder, embedding_request
 from mmserver.errors import InferenceError, InvalidInput, ModelLoadError, ModelNotReady
 from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator
 from mmserver.checkpoint import max_positions, read_config, weight_files
 from mmserver.memory import format_bytes
 from mmserver.runtime import HOST, IMPORT_LOCK, LoadedModel, Placement, run_sync
 from mmserver.spec import ModelSpec
+from mmserver.token_inputs import IDS_INPUT, row_lengths, text_inputs
 from mmserver.types import (
     InferInput,
     InferOutput,
     InferRequest,
     InferResponse,
     ModelMetadata,
-    RequestedOutput,
     TensorSpec,
 )
 
@@ -66,7 +66,6 @@ from .stop_strings import StopStrings
 log = logging.getLogger("mmserver_transformers")
 
 TEXT_INPUTS = ("text", "text_input")
-IDS_INPUT, MASK_INPUT = "input_ids", "attention_mask"
 AUTO_CLASSES = {
     CLASSIFICATION: AutoModelForSequenceClassification,
     EMBEDDING: AutoModel,
@@ -326,20 +325,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         return width if width > 0 else None
 
     def embedding_request(self, inputs: EmbeddingInputs) -> InferRequest:
-        wanted = [RequestedOutput("embedding")]
-        asked = {RETURN_INPUT_TOKENS: True}
-        if all(isinstance(item, str) for item in inputs):
-            texts = np.empty(len(inputs), dtype=object)
-            texts[:] = [item.encode("utf-8") for item in inputs]  # type: ignore[union-attr]
-            return InferRequest([InferInput(TEXT_INPUTS[0], "BYTES", texts)], outputs=wanted, parameters=asked)
-        width = max(len(row) for row in inputs)
-        ids = np.full((len(inputs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(inputs), width), dtype=np.int64)
-        for i, row in enumerate(inputs):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        return InferRequest([InferInput(IDS_INPUT, "INT64", ids), InferInput(MASK_INPUT, "INT64", mask)],
-                            outputs=wanted, parameters=asked)
+        return embedding_request(inputs, TEXT_INPUTS[0], self.pad_id)
 
     # -------------------------------------------------------------- validation (event loop)
 
@@ -351,9 +337,9 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
                 )
         kind, primary, mask = self._layout(request)
         truncation = self._truncation(request)
-        _flag(request, RETURN_INPUT_TOKENS)
+        request.flag(RETURN_INPUT_TOKENS)
         if self.task == EMBEDDING:
-            _flag(request, "normalize")
+            request.flag("normalize")
         gen = self._generation(request) if self.task == GENERATION else None
         room = self._room(gen)
         if kind == "text":
@@ -363,49 +349,14 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
 
     def _layout(self, request: InferRequest) -> tuple[str, InferInput, InferInput | None]:
         """Which inputs the request uses: ("text", texts, None) or ("ids", input_ids, mask)."""
-        texts = ids = mask = None
-        for tensor in request.inputs:
-            if tensor.name in TEXT_INPUTS:
-                if texts is not None:
-                    raise InvalidInput(f"inputs '{texts.name}' and '{tensor.name}' both carry texts; send one")
-                texts = tensor
-            elif tensor.name == IDS_INPUT:
-                ids = tensor
-            elif tensor.name == MASK_INPUT:
-                mask = tensor
-            else:
-                raise InvalidInput(
-                    f"input '{tensor.name}' is not an input of this model; it takes 'text' (BYTES [N]) "
-                    f"or 'input_ids' (INT64 [N, L]) with an optional 'attention_mask'"
-                )
-        if texts is not None:
-            if ids is not None or mask is not None:
-                other = ids if ids is not None else mask
-                raise InvalidInput(f"input '{other.name}' cannot be combined with the texts of input '{texts.name}'")
-            if texts.datatype != "BYTES":
-                raise InvalidInput(f"input '{texts.name}' is {texts.datatype}; texts must be BYTES")
-            shape = texts.data.shape
-            if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-                raise InvalidInput(f"input '{texts.name}' has shape {list(shape)}; expected [N] or [N, 1]")
-            return "text", texts, None
-        if ids is None:
-            raise InvalidInput(f"input '{MASK_INPUT}' needs '{IDS_INPUT}' beside it")
-        if ids.data.dtype.kind not in "iu":
-            raise InvalidInput(f"input '{IDS_INPUT}' is {ids.datatype}; token ids must be integers (INT64)")
-        if ids.data.ndim != 2:
-            raise InvalidInput(f"input '{IDS_INPUT}' has shape {list(ids.data.shape)}; expected [N, L]")
-        if mask is not None:
-            if mask.data.dtype.kind not in "iub":
-                raise InvalidInput(f"input '{MASK_INPUT}' is {mask.datatype}; expected INT64 (or BOOL)")
-            if mask.data.shape != ids.data.shape:
-                raise InvalidInput(
-                    f"input '{MASK_INPUT}' has shape {list(mask.data.shape)}; it must match "
-                    f"'{IDS_INPUT}' {list(ids.data.shape)}"
-                )
-        return "ids", ids, mask
+        given = text_inputs(request, TEXT_INPUTS)
+        if given.texts is not None:
+            return "text", given.texts, None
+        assert given.ids is not None
+        return "ids", given.ids, given.mask
 
     def _truncation(self, request: InferRequest) -> bool:
-        return _flag(request, "truncation", self.options.truncation)
+        return request.flag("truncation", self.options.truncation)
 
     def _generation(self, request: InferRequest) -> SamplingParams:
         return v2_sampling(request.parameters, self.generation_defaults, self.limit)
@@ -441,15 +392,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
                 raise InvalidInput(self._too_long(tensor.name, i, f"{count} tokens", room))
 
     def _check_ids(self, ids: InferInput, mask: InferInput | None, room: int | None) -> None:
-        data = ids.data
-        if data.size and (data.min() < 0 or data.max() >= self.vocab_size):
-            raise InvalidInput(f"input '{IDS_INPUT}': token ids must be in [0, {self.vocab_size})")
-        if mask is not None and mask.data.size and not np.isin(mask.data, (0, 1)).all():
-            raise InvalidInput(f"input '{MASK_INPUT}' must hold 0 and 1 only")
-        lengths = mask.data.astype(np.int64).sum(axis=1) if mask is not None else np.full(data.shape[0], data.shape[1])
-        if lengths.size and lengths.min() == 0:
-            row = int(np.argmin(lengths))
-            raise InvalidInput(f"input '{IDS_INPUT}': row {row} has no tokens")
+        lengths = row_lengths(ids, mask, self.vocab_size)
         if room is not None and lengths.size and lengths.max() > room:
             row = int(np.argmax(lengths))
             raise InvalidInput(self._too_long(IDS_INPUT, row, f"{int(lengths[row])} tokens", room, ids=True))
@@ -660,7 +603,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
             outputs = []
             for name in names:
                 value = results[name][part]
-                if name == "embedding" and _flag(request, "normalize", self.options.normalize) and count:
+                if name == "embedding" and request.flag("normalize", self.options.normalize) and count:
                     norms = np.linalg.norm(value, axis=1, keepdims=True)
                     value = value / np.maximum(norms, 1e-12)
                 if name == "text_output":
@@ -796,13 +739,6 @@ def _position_offset(model: Any) -> int:
     if type(padding_idx) is int and hasattr(embeddings, "position_embeddings"):
         return padding_idx + 1
     return 0
-
-
-def _flag(request: InferRequest, name: str, default: bool = False) -> bool:
-    value = request.parameters.get(name, default)
-    if type(value) is not bool:
-        raise InvalidInput(f"parameter '{name}' is {value!r}; expected true or false")
-    return value
 
 
 def _owner(index: int, counts: list[int]) -> int:

@@ -17,13 +17,16 @@ from typing import Any
 from mmserver.runtime import IMPORT_LOCK, LoadedModel, Placement, Runtime, run_sync
 from mmserver.spec import ModelSpec
 
-from .options import Options, is_servable
+from mmserver.errors import ModelLoadError
+
+from .options import EMBEDDING, GENERATION, Options, is_servable, task_of
 
 __all__ = ["VllmRuntime"]
 
 
 class VllmRuntime(Runtime):
-    """Serves decoder-only Hugging Face checkpoints through vLLM engines."""
+    """Serves decoder-only Hugging Face checkpoints through vLLM engines: text generation, or
+with ``parameters.task: embedding`` embeddings (vLLM's pooling runner)."""
 
     name = "vllm"
     priority = 10  # ahead of transformers for the checkpoints vLLM can serve
@@ -41,7 +44,10 @@ class VllmRuntime(Runtime):
         return await engine.load_model(spec, placement, _declared(spec))
 
     def generates_text(self, spec: ModelSpec) -> bool:
-        return True
+        return _task(spec) == GENERATION
+
+    def embeds_text(self, spec: ModelSpec) -> bool:
+        return _task(spec) == EMBEDDING
 
     def collect_metrics(self) -> Iterable[Any]:
         import sys
@@ -54,6 +60,14 @@ def _import_engine() -> Any:
     with IMPORT_LOCK:
         from . import engine
     return engine
+
+
+def _task(spec: ModelSpec) -> str | None:
+    """The task ``model.yaml`` gives, or None when it names none we serve (the load will say so)."""
+    try:
+        return task_of(spec.config.parameters)
+    except ModelLoadError:
+        return None
 
 
 def _declared(spec: ModelSpec) -> int | None:

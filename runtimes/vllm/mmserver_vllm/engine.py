@@ -1,5 +1,6 @@
-"""One vLLM engine per model: start, generation, V2 inference, host tier (sleep mode), crash
-detection, clean shutdown, and vLLM's Prometheus metrics kept per model.
+"""One vLLM engine per model: start, generation or embedding (the pooling runner), V2 inference,
+host tier (sleep mode), crash detection, clean shutdown, and vLLM's Prometheus metrics kept per
+model.
 
 This module imports vllm (and torch) at the top: ``VllmRuntime.load`` imports it on a worker
 thread under ``IMPORT_LOCK``. The engine runs in child processes (vLLM's engine core and its
@@ -11,6 +12,7 @@ server stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -18,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterable
 from typing import Any
 
 # Set before vLLM reads them: the engine's processes talk over loopback only, and report nothing.
@@ -33,12 +35,20 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from prometheus_client.metrics_core import Metric  # noqa: E402
+from vllm import PoolingParams  # noqa: E402
 from vllm import SamplingParams as VllmSamplingParams  # noqa: E402
 from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
 from vllm.v1.metrics.loggers import PrometheusStatLogger  # noqa: E402
 
+from mmserver.embedding import (  # noqa: E402
+    INPUT_TOKENS,
+    RETURN_INPUT_TOKENS,
+    EmbeddingInputs,
+    TextEmbedder,
+    embedding_request,
+)
 from mmserver.errors import (  # noqa: E402
     InferenceError,
     InvalidInput,
@@ -48,6 +58,7 @@ from mmserver.errors import (  # noqa: E402
 )
 from mmserver.generation import (  # noqa: E402
     FINISH_ABORT,
+    PROTOCOL_PARAMETERS,
     GenerationChunk,
     GenerationRequest,
     InvalidParameter,
@@ -56,12 +67,14 @@ from mmserver.generation import (  # noqa: E402
     check_room,
     generate_all,
     parse_v2_sampling,
+    refuse_unknown,
 )
 from mmserver.runtime import BatchingMode, LoadedModel, Placement, run_sync  # noqa: E402
 from mmserver.spec import ModelSpec  # noqa: E402
-from mmserver.types import InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
+from mmserver.token_inputs import IDS_INPUT, MASK_INPUT, id_rows, row_lengths, text_inputs  # noqa: E402
+from mmserver.types import InferInput, InferOutput, InferRequest, InferResponse, ModelMetadata, TensorSpec  # noqa: E402
 
-from .options import Options  # noqa: E402
+from .options import EMBEDDING, GENERATION, Options  # noqa: E402
 
 try:  # vLLM's request errors have their own classes in newer releases
     from vllm.exceptions import GracefulHTTPError, VLLMClientError  # noqa: E402
@@ -76,6 +89,9 @@ log = logging.getLogger("mmserver_vllm")
 
 TEXT_INPUTS = ("text_input", "text", "prompt")
 TEXT_OUTPUT = "text_output"
+EMBEDDING_OUTPUT = "embedding"
+#: what an embedding engine is asked for
+EMBED = PoolingParams(task="embed")
 #: V2 parameter spellings of the transformers runtime, accepted here too
 SHUTDOWN_TIMEOUT_S = 10.0
 KILL_WAIT_S = 3.0
@@ -166,6 +182,8 @@ async def load_model(spec: ModelSpec, placement: Placement, declared: int | None
     try:
         tokenizer, longest = await run_sync(_load_tokenizer, spec)
         model = VllmModel(engine, processes, tokenizer, longest, options, spec, placement)
+        if options.task == EMBEDDING:
+            await model._warm_up()  # noqa: SLF001 - it also measures the embeddings' width
     except BaseException:
         await run_sync(_shutdown, engine, processes, label)
         raise
@@ -189,6 +207,8 @@ def _engine_args(spec: ModelSpec, options: Options) -> AsyncEngineArgs:
     }
     if options.seed is not None:
         values["seed"] = options.seed
+    if options.task == EMBEDDING:
+        values["runner"] = "pooling"  # vLLM pools a decoder's last hidden state (its default for them)
     if options.is_gpu:
         values["enable_sleep_mode"] = True
         # vLLM refuses to start when the device has less free memory than this share of it;
@@ -414,8 +434,8 @@ def _load_tokenizer(spec: ModelSpec) -> tuple[Any, int]:
 # ----------------------------------------------------------------------------- the model
 
 
-class VllmModel(LoadedModel, TextGenerator):
-    """A running vLLM engine."""
+class VllmModel(LoadedModel, TextGenerator, TextEmbedder):
+    """A running vLLM engine: a text generator, or with ``task: embedding`` a text embedder."""
 
     batching = BatchingMode.INTERNAL  # continuous batching in the engine; the server caps concurrency
 
@@ -441,9 +461,22 @@ class VllmModel(LoadedModel, TextGenerator):
         self._max_chars = self._max_len * longest_token * PROMPT_CHARS_MARGIN
         self._counted: dict[tuple[str, bool], list[int]] = {}  # (text, add_special_tokens) -> ids
         self._counted_lock = threading.Lock()
+        self._width: int | None = None  # of an embedding, measured by the warm-up
         self._memory = self._measure()
 
     # -------------------------------------------------------------- metadata and memory
+
+    @property
+    def generates_text(self) -> bool:
+        return self.options.task == GENERATION
+
+    @property
+    def embeds_text(self) -> bool:
+        return self.options.task == EMBEDDING
+
+    @property
+    def embedding_size(self) -> int | None:
+        return self._width
 
     @property
     def max_model_len(self) -> int | None:
@@ -454,14 +487,26 @@ class VllmModel(LoadedModel, TextGenerator):
         return {"max_tokens": self.options.max_tokens, "temperature": self.options.temperature}
 
     def metadata(self) -> ModelMetadata:
+        parameters = {
+            "task": self.options.task, "device": self.device, "dtype": self.options.run_dtype,
+            "max_model_len": self._max_len, "max_num_seqs": self.options.max_num_seqs,
+            "kv_cache_memory_bytes": self.options.kv_cache_bytes,
+        }
+        if self.options.task == EMBEDDING:
+            return ModelMetadata(
+                platform="vllm",
+                inputs=[TensorSpec(TEXT_INPUTS[0], "BYTES", (-1,)), TensorSpec(IDS_INPUT, "INT64", (-1, -1)),
+                        TensorSpec(MASK_INPUT, "INT64", (-1, -1))],
+                outputs=[TensorSpec(EMBEDDING_OUTPUT, "FP32", (-1, self._width or -1))],
+                parameters={**parameters, "inputs": f"'{TEXT_INPUTS[0]}', or '{IDS_INPUT}' with an optional "
+                                                    f"'{MASK_INPUT}'"},
+            )
         return ModelMetadata(
             platform="vllm",
-            inputs=[TensorSpec("text_input", "BYTES", (-1,))],
+            inputs=[TensorSpec(TEXT_INPUTS[0], "BYTES", (-1,))],
             outputs=[TensorSpec(TEXT_OUTPUT, "BYTES", (-1,))],
             parameters={
-                "task": "generation", "device": self.device, "dtype": self.options.run_dtype,
-                "max_model_len": self._max_len, "max_num_seqs": self.options.max_num_seqs,
-                "kv_cache_memory_bytes": self.options.kv_cache_bytes,
+                **parameters,
                 "generation": "sampling parameters max_tokens (or max_new_tokens), temperature, top_p, "
                               "top_k, seed, stop, ignore_eos, min_tokens, presence_penalty, "
                               "frequency_penalty, repetition_penalty",
@@ -490,11 +535,16 @@ class VllmModel(LoadedModel, TextGenerator):
 
     def validate(self, request: InferRequest) -> None:
         """The cheap checks; ``infer`` tokenizes (on a worker thread) and checks the room."""
+        if self.options.task == EMBEDDING:
+            self._embedding_prompts(request)
+            return
         self._v2_params(request)
         for text in self._texts(request):
             self._check_length(text)
 
     def rows(self, request: InferRequest) -> int:
+        if self.options.task == EMBEDDING:
+            return len(self._embedding_prompts(request))
         return len(self._texts(request))
 
     def batch_key(self, request: InferRequest) -> Hashable:
@@ -513,18 +563,14 @@ class VllmModel(LoadedModel, TextGenerator):
         shape = tensor.data.shape
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
             raise InvalidInput(f"input '{tensor.name}' has shape {list(shape)}; expected [N] or [N, 1]")
-        texts = []
-        for i, item in enumerate(tensor.data.reshape(-1)):
-            try:
-                texts.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
-            except UnicodeDecodeError:
-                raise InvalidInput(f"input '{tensor.name}': text {i} is not valid UTF-8") from None
-        return texts
+        return _decoded(tensor)
 
     def _v2_params(self, request: InferRequest) -> SamplingParams:
         return parse_v2_sampling(request.parameters, self.generation_defaults)
 
     async def infer(self, requests: list[InferRequest]) -> list[InferResponse]:
+        if self.options.task == EMBEDDING:
+            return [await self._embed_one(request) for request in requests]
         return [await self._infer_one(request) for request in requests]
 
     async def _infer_one(self, request: InferRequest) -> InferResponse:
@@ -540,6 +586,62 @@ class VllmModel(LoadedModel, TextGenerator):
         array[:] = [r[0].text.encode("utf-8") for r in results]
         shape = request.inputs[0].data.shape
         return InferResponse([InferOutput(TEXT_OUTPUT, array.reshape(shape), "BYTES")])
+
+    # -------------------------------------------------------------- embedding
+
+    def embedding_request(self, inputs: EmbeddingInputs) -> InferRequest:
+        return embedding_request(inputs, TEXT_INPUTS[0], pad_id=0)
+
+    def _embedding_prompts(self, request: InferRequest) -> list[str] | list[list[int]]:
+        """The texts, or rows of token ids, of a V2 request to an embedding model, checked
+        untokenized."""
+        for name in request.output_names:
+            if name != EMBEDDING_OUTPUT:
+                raise InvalidInput(f"unknown output '{name}'; this model offers '{EMBEDDING_OUTPUT}'")
+        refuse_unknown(request.parameters, {RETURN_INPUT_TOKENS}, "an embedding model", PROTOCOL_PARAMETERS)
+        request.flag(RETURN_INPUT_TOKENS)
+        given = text_inputs(request, TEXT_INPUTS)
+        if given.texts is not None:
+            texts = _decoded(given.texts)
+            for text in texts:
+                self._check_length(text)
+            return texts
+        assert given.ids is not None
+        lengths = row_lengths(given.ids, given.mask, self._vocab_size())
+        if lengths.size and lengths.max() > self._max_len:
+            row = int(lengths.argmax())
+            raise InvalidInput(f"input '{IDS_INPUT}': row {row} has {int(lengths[row])} tokens; this model embeds "
+                               f"at most {self._max_len}")
+        return id_rows(given.ids, given.mask)
+
+    async def _embed_one(self, request: InferRequest) -> InferResponse:
+        prompts = self._embedding_prompts(request)
+        if prompts and isinstance(prompts[0], str):
+            rows = await run_sync(lambda: [self._encode(text, True) for text in prompts])
+        else:
+            rows = prompts
+        for i, ids in enumerate(rows):
+            if len(ids) > self._max_len:
+                raise InvalidInput(f"input '{request.inputs[0].name}': text {i} has {len(ids)} tokens; this model "
+                                   f"embeds at most {self._max_len}")
+        vectors = await asyncio.gather(*(self._embed(ids, request.id or "") for ids in rows))
+        parameters = {INPUT_TOKENS: sum(len(ids) for ids in rows)} if request.flag(RETURN_INPUT_TOKENS) else {}
+        block = np.stack(vectors) if vectors else np.zeros((0, self._width or 0), dtype=np.float32)
+        return InferResponse([InferOutput(EMBEDDING_OUTPUT, block, "FP32")], parameters=parameters)
+
+    async def _embed(self, ids: list[int], request_id: str) -> np.ndarray:
+        """The embedding of one prompt, float32 ``[D]``."""
+        engine = self._awake_engine()
+        request_id = f"{request_id or 'embed'}-{uuid.uuid4().hex[:16]}"
+        prompt = await self._engine_input(engine, ids)
+        last = None
+        stream = engine.encode(prompt, EMBED, request_id)
+        async with contextlib.aclosing(self._outputs(engine, stream, request_id)) as outputs:
+            async for output in outputs:
+                last = output
+        if last is None:
+            raise InferenceError(f"model {self.label}: its vLLM engine gave no embedding")
+        return last.outputs.data.float().cpu().numpy()
 
     # -------------------------------------------------------------- generation
 
@@ -560,14 +662,17 @@ class VllmModel(LoadedModel, TextGenerator):
         (a long prompt takes seconds); token prompts are checked against the vocabulary."""
         prompt = request.prompt
         if isinstance(prompt, list):
-            vocab = getattr(self.tokenizer, "vocab_size", None)
-            size = max(len(self.tokenizer), vocab or 0) if self.tokenizer is not None else 0
+            size = self._vocab_size()
             if any(type(t) is not int or not 0 <= t < size for t in prompt):
                 raise InvalidInput(f"the prompt's token ids must be integers in [0, {size})")
             return prompt
         with self._counted_lock:
             ids = self._counted.pop((prompt, request.add_special_tokens), None)
         return ids if ids is not None else await run_sync(self._encode, prompt, request.add_special_tokens)
+
+    def _vocab_size(self) -> int:
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        return max(len(self.tokenizer), vocab or 0) if self.tokenizer is not None else 0
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         tokenizer = self.tokenizer
@@ -605,10 +710,9 @@ class VllmModel(LoadedModel, TextGenerator):
         request_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:16]}"
         prompt = await self._engine_input(engine, ids)
         counts = [0] * params.n
-        finished = False
         stream = engine.generate(prompt, sampling, request_id)
-        try:
-            async for output in stream:
+        async with contextlib.aclosing(self._outputs(engine, stream, request_id)) as outputs:
+            async for output in outputs:
                 for out in output.outputs:
                     counts[out.index] += len(out.token_ids)
                     reason = out.finish_reason
@@ -617,15 +721,22 @@ class VllmModel(LoadedModel, TextGenerator):
                         finish_reason=FINISH_ABORT if reason == "abort" else reason,
                         stop_reason=out.stop_reason,
                     )
+
+    async def _outputs(self, engine: AsyncLLM, stream: AsyncIterator[Any],
+                       request_id: str) -> AsyncGenerator[Any, None]:
+        """The outputs of one engine request, vLLM's errors turned into ours; a request left
+        before its end (closed early, cancelled) is aborted in the engine."""
+        finished = False
+        try:
+            async for output in stream:
                 finished = output.finished
+                yield output
         except EngineDeadError:
             raise ModelNotReady(f"model {self.label}: {self.failure or 'its vLLM engine is dead'}") from None
         except GracefulHTTPError as exc:
             raise Overloaded(f"model {self.label}: {exc}", retry_after=1.0) from None
         except (VLLMClientError, ValueError) as exc:
             raise InvalidInput(f"model {self.label} refused the request: {exc}") from None
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
         except Exception as exc:
             if self.failure is not None or engine.errored:
                 raise ModelNotReady(f"model {self.label}: {self.failure or 'its vLLM engine is dead'}") from None
@@ -678,8 +789,12 @@ class VllmModel(LoadedModel, TextGenerator):
         return {"prompt_token_ids": ids}
 
     async def _warm_up(self) -> None:
-        """One one-token generation, so that the first real request is not slow."""
+        """One one-token generation (or embedding, which measures its width), so that the first
+        real request is not slow."""
         prompt = [self.tokenizer.bos_token_id or 0] if self.tokenizer is not None else [0]
+        if self.options.task == EMBEDDING:
+            self._width = int((await self._embed(prompt, "warm-up")).shape[-1])
+            return
         warm = GenerationRequest(prompt, SamplingParams(max_tokens=1, temperature=0.0), "warm-up")
         await generate_all(self, warm)
 
@@ -765,3 +880,14 @@ class VllmModel(LoadedModel, TextGenerator):
         self.tokenizer = None
         self._counted.clear()
         self._memory = {}
+
+
+def _decoded(tensor: InferInput) -> list[str]:
+    """The texts of a BYTES tensor (``InvalidInput`` for one that is not UTF-8)."""
+    texts = []
+    for i, item in enumerate(tensor.data.reshape(-1)):
+        try:
+            texts.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input '{tensor.name}': text {i} is not valid UTF-8") from None
+    return texts

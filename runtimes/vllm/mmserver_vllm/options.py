@@ -45,9 +45,12 @@ ENGINE_HOST_OVERHEAD = 1 * GiB
 GPU_ENGINE_OVERHEAD = 768 * MiB
 
 KNOWN_PARAMETERS = frozenset({
-    "kv_cache_memory_bytes", "max_model_len", "max_num_seqs", "dtype", "enforce_eager", "max_tokens",
+    "task", "kv_cache_memory_bytes", "max_model_len", "max_num_seqs", "dtype", "enforce_eager", "max_tokens",
     "temperature", "seed", "sleep_level", "trust_remote_code", "engine_args",
 })
+#: what an engine does: generate text, or embed it (vLLM's pooling runner)
+GENERATION, EMBEDDING = "generation", "embedding"
+TASKS = (GENERATION, EMBEDDING)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 #: used when the installed vLLM's registry cannot be read (common decoder-only families)
@@ -116,6 +119,14 @@ def is_servable(folder: Path) -> bool:
 # ----------------------------------------------------------------------------- options
 
 
+def task_of(parameters: dict[str, Any]) -> str:
+    """The task ``parameters.task`` names (generation when it names none)."""
+    task = parameters.get("task", GENERATION)
+    if task not in TASKS:
+        raise ModelLoadError(f"parameters.task is {task!r}; the vllm runtime serves {' or '.join(TASKS)}")
+    return task
+
+
 def _size(name: str, value: Any) -> int:
     try:
         size = parse_size(value)
@@ -150,6 +161,7 @@ class Options:
     trust_remote_code: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)
     weight_bytes: int = 0
+    task: str = GENERATION
 
     @property
     def is_gpu(self) -> bool:
@@ -221,7 +233,7 @@ class Options:
         if not isinstance(extra, dict):
             raise ModelLoadError("parameters.engine_args must be a mapping of vLLM engine arguments")
         return cls(device, dtype, run_dtype, kv, max_len, max_num_seqs, eager, max_tokens, float(temperature),
-                   seed, sleep_level, flag, dict(extra), weights)
+                   seed, sleep_level, flag, dict(extra), weights, task_of(parameters))
 
     def footprint(self) -> int:
         """Bytes the engine takes on its device: weights, KV cache and the engine's overhead."""
