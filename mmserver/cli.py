@@ -84,6 +84,7 @@ def serve_command(overrides: dict[str, Any]) -> int:
         port=settings.port,
         loop="auto",
         http=http_protocol(settings.request_read_timeout_s),
+        ws="none",  # no WebSocket routes: an upgrade request is plain HTTP (api/protocol.py)
         access_log=settings.access_log,
         log_config=None,
         log_level=settings.log_level,

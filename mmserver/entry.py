@@ -70,17 +70,22 @@ class ModelEntry:
         return self.waiting > 0 or (self.batcher is not None and self.batcher.busy)
 
     @property
-    def evictable(self) -> bool:
-        """Loaded (or parked in host RAM), idle and not pinned: may be moved out to make room; a
-        parked model then leaves the host tier (and whatever it still holds on a GPU)."""
+    def movable(self) -> bool:
+        """Loaded (or parked in host RAM), neither loading nor leaving, and not pinned: may be
+        moved out to make room once idle."""
         return (
             (self.state is ModelState.READY or (self.state is ModelState.UNAVAILABLE and self.parked is not None))
             and self.model is not None
             and self.loading is None
             and self.leaving is None
             and not self.pinned
-            and not self.busy
         )
+
+    @property
+    def evictable(self) -> bool:
+        """Movable and idle: may be moved out to make room now; a parked model then leaves the
+        host tier (and whatever it still holds on a GPU)."""
+        return self.movable and not self.busy
 
     def reloads_on_request(self) -> bool:
         """Whether a request may (re)load this model: lazy or evicted, and not unloaded on purpose."""

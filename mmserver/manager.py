@@ -45,6 +45,8 @@ IDLE_SWEEP_MIN_S = 0.5
 IDLE_SWEEP_MAX_S = 30.0
 HEAP_CHECK_S = 1.0  # how often pending full garbage collections look for an idle moment
 LOAD_PROGRESS_S = 10.0  # a load that takes longer logs that it is still going this often
+BUSY_VICTIM_WAIT_S = 5.0  # how long a load that needs room waits for busy models to be idle
+BUSY_VICTIM_POLL_S = 0.002
 
 
 class ModelManager:
@@ -106,8 +108,7 @@ class ModelManager:
         for task in loads:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
-        entries = {*self._entries(), *self._holding}
-        await asyncio.gather(*(self._unload(e, "server stopping") for e in entries))
+        await asyncio.gather(*(self._unload(e, "server stopping") for e in self._holders()))
 
     def unready_reason(self) -> str | None:
         """Why the server is not ready, or None when it is: not ready while it starts or stops,
@@ -211,12 +212,13 @@ class ModelManager:
         is_gone: Callable[[], bool] | None = None,
     ) -> InferResponse:
         """Run one request through its model's queue; loads a lazy model on first use.
-        ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``). An entry
+        ``deadline`` and ``is_gone`` are passed to the batcher (see ``Batcher.submit``); the
+        wait for a load counts against the deadline and the model's ``timeout_s`` too. An entry
         a rollover retired since it was looked up hands the request to its successor."""
         entry = entry.current()
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
-            batcher = await self._wait_until_ready_before(entry, deadline)
+            batcher = await self._wait_until_ready_before(entry, self._load_deadline(entry, deadline))
         if not request.outputs and entry.default_outputs:
             request.outputs = list(entry.default_outputs)
         entry.model.validate(request)  # type: ignore[union-attr]
@@ -352,13 +354,15 @@ class ModelManager:
         return wanted
 
     def _should_load(self, entry: ModelEntry, previous: ModelEntry | None, explicit: bool) -> bool:
-        """Load now: explicitly asked, a startup model, or replacing files of a loaded version."""
+        """Load now: explicitly asked, new files of a startup model, or new files of a loaded
+        version. A rescan leaves an entry whose files did not change as it is: one that was
+        evicted, or failed to load, waits for its next request or an explicit load."""
         if entry.state is ModelState.READY or entry.spec is None:
             return False
         if explicit:
             entry.unloaded_by_operator = False
             return True
-        if entry.unloaded_by_operator:
+        if entry.unloaded_by_operator or entry is previous:
             return False
         was_loaded = previous is not None and previous.state is ModelState.READY
         return entry.spec.config.load == "startup" or was_loaded
@@ -419,16 +423,31 @@ class ModelManager:
         return entry.batcher
 
     async def _wait_until_ready_before(self, entry: ModelEntry, deadline: float | None) -> Batcher:
-        """``_wait_until_ready``, given up (the load goes on) once a request's deadline passes."""
+        """``_wait_until_ready``, given up (the load goes on) once a request's deadline passes.
+        It runs in the caller's task (``asyncio.wait_for`` would run it in another), so that
+        nothing runs between the end of the wait and the caller queueing its request: the model
+        stays busy throughout, and no eviction can take it in between."""
         if deadline is None:
             return await self._wait_until_ready(entry)
         try:
-            return await asyncio.wait_for(self._wait_until_ready(entry), max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self._wait_until_ready(entry)
         except TimeoutError:
             raise InferenceTimeout(f"model '{entry.key}' was still loading when the request's deadline passed") from None
 
+    def _load_deadline(self, entry: ModelEntry, deadline: float | None) -> float | None:
+        """The sooner of a request's ``deadline`` and its model's ``timeout_s`` from now."""
+        timeout = self._batch_policy(entry.spec).timeout_s if entry.spec is not None else None
+        if timeout is None:
+            return deadline
+        return min(time.monotonic() + timeout, deadline if deadline is not None else float("inf"))
+
     async def _ensure_loading(self, entry: ModelEntry) -> None:
-        """Start the entry's load unless one is running or it is loaded; wait for it."""
+        """Start the entry's load unless one is running or it is loaded; wait for it. An unload
+        or eviction of the entry under way is waited for first: a load beside a model that is
+        still draining would hold two copies, and the unload would then drop the new one."""
+        while entry.leaving is not None:
+            await asyncio.shield(entry.leaving)
         if entry.state is ModelState.READY:
             return
         if entry.loading is None:
@@ -540,20 +559,13 @@ class ModelManager:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
         (memory that does not come back forces another victim, or the error); called with the
         residency lock held."""
+        give_up = time.monotonic() + BUSY_VICTIM_WAIT_S
         while True:
             try:
-                victims = self.residency.victims(entry, sizes, list(self._entries()))
+                victims = self.residency.victims(entry, sizes, self._holders())
             except InsufficientMemory:
-                # Loads past their admission hold their predicted size until they measure what
-                # they take (often less); they end without this lock: wait for one on a device
-                # that lacks room, and try again.
-                lacking = self.residency.shortfall(entry, sizes)
-                loads = [e.loading for e in self._loads
-                         if e is not entry and e.state is ModelState.LOADING and e.loading is not None
-                         and any(self.ledger.held(e).get(device) for device in lacking)]
-                if not loads:
+                if not await self._room_may_come(entry, sizes, give_up):
                     raise
-                await asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if not victims:
                 return
@@ -561,6 +573,31 @@ class ModelManager:
                 if not victim.evictable:  # it got a request, or was unloaded, since it was chosen
                     break
                 await self._evict(victim, f"making room for {entry.key}")
+
+    async def _room_may_come(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> bool:
+        """Wait for something that may make room for ``entry``; False when nothing can. Loads
+        past their admission hold their predicted size until they measure what they take (often
+        less), and they end without the residency lock: one on a device that lacks room is
+        waited for. Else, until ``give_up``, models that are busy but would make enough room once
+        idle are waited for, until one is idle (most are busy for milliseconds)."""
+        lacking = self.residency.shortfall(entry, sizes)
+        loads = [e.loading for e in self._loads
+                 if e is not entry and e.state is ModelState.LOADING and e.loading is not None
+                 and any(self.ledger.held(e).get(device) for device in lacking)]
+        if loads:
+            await asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
+            return True
+        holders = self._holders()
+        busy = [e for e in holders if e is not entry and e.busy and e.movable and e.state is ModelState.READY]
+        if not busy or time.monotonic() >= give_up:
+            return False
+        try:
+            self.residency.victims(entry, sizes, holders, assume_idle=busy)
+        except InsufficientMemory:  # not enough even with them: fail now
+            return False
+        while not any(e.evictable for e in busy) and time.monotonic() < give_up:
+            await asyncio.sleep(BUSY_VICTIM_POLL_S)
+        return True
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
@@ -707,6 +744,12 @@ class ModelManager:
     def _entries(self) -> Iterator[ModelEntry]:
         for versions in self._models.values():
             yield from versions.values()
+
+    def _holders(self) -> list[ModelEntry]:
+        """Every entry that may hold memory: those of the repository's models, and those that
+        loaded while their model's first sync still runs (at startup, one startup model may
+        have to make room for another before either is registered)."""
+        return list(dict.fromkeys([*self._entries(), *self._holding]))
 
     def _set_state(self, entry: ModelEntry, state: ModelState, reason: str, took: float | None = None) -> None:
         entry.state = state

@@ -99,7 +99,7 @@ class Repository:
         for model in self.scan().values():
             if model.name == name:
                 return model
-        raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+        raise ModelNotFound(f"model '{name}' is not in the repository")
 
     # ------------------------------------------------------------------ one folder
 
@@ -129,9 +129,8 @@ class Repository:
                 if runtime is None:
                     raise InvalidInput(self._undetected(path))
                 artifact = path / config.uri if config.uri else path
-                self._check_links_inside(artifact, folder)
                 model.versions[version] = ModelSpec(name, version, path, runtime, config, source,
-                                                    files_of(artifact, hidden=False))
+                                                    self._files_inside(artifact, folder))
             model.served = select_versions(list(model.versions), config.versions)
             model.served_policy = config.versions
             return model
@@ -164,18 +163,24 @@ class Repository:
             return dict(sorted(numbered.items(), key=lambda item: int(item[0])))
         return {fixed_version or "1": folder}
 
-    def _check_links_inside(self, artifact: Path, folder: Path) -> None:
-        """Refuse a model whose files or folders link out of the repository: a runtime would
-        read (for a pickle: run) what the link points at."""
+    def _files_inside(self, artifact: Path, folder: Path) -> FileSignature:
+        """The signature of a version's files (not those under names starting with '.'), read in
+        the same walk that refuses a model whose files or folders link out of the repository: a
+        runtime would read (for a pickle: run) what the link points at."""
         links = [artifact] if artifact.is_symlink() else []
+        paths = []
         if artifact.is_dir():
             for parent, dirs, files in os.walk(artifact):  # (links to folders are listed, not entered)
                 links.extend(Path(parent, n) for n in [*dirs, *files])  # hidden ones too: runtimes may read them
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
+                paths.extend(os.path.join(parent, f) for f in files if not f.startswith("."))
+        else:
+            paths.append(str(artifact))
         for link in links:
             if link.is_symlink() and not link.resolve().is_relative_to(self.root):
                 relative = link.relative_to(folder) if link.is_relative_to(folder) else link.name
                 raise InvalidInput(f"{folder.name}/{relative} points outside the model repository")
+        return _signature(paths)
 
     def _undetected(self, path: Path) -> str:
         files = sorted(p.name for p in path.iterdir())[:10]
@@ -189,18 +194,19 @@ class Repository:
 FileSignature = frozenset[tuple[str, int, int]]
 
 
-def files_of(path: Path, hidden: bool = True) -> FileSignature:
-    """(path, size, mtime) of ``path`` if it is a file, else of every file under it (with
-    ``hidden=False``, not those under names starting with '.'). Files and folders that vanish
-    while it looks are left out: a later look sees the change."""
+def files_of(path: Path) -> FileSignature:
+    """(path, size, mtime) of ``path`` if it is a file, else of every file under it. Files and
+    folders that vanish while it looks are left out: a later look sees the change."""
     if not path.is_dir():
-        paths = [str(path)]
-    else:
-        paths = []
-        for folder, dirs, files in os.walk(path):  # (errors, such as a folder removed meanwhile, are skipped)
-            if not hidden:
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-            paths.extend(os.path.join(folder, f) for f in files if hidden or not f.startswith("."))
+        return _signature([str(path)])
+    paths = []
+    for folder, _, files in os.walk(path):  # (errors, such as a folder removed meanwhile, are skipped)
+        paths.extend(os.path.join(folder, f) for f in files)
+    return _signature(paths)
+
+
+def _signature(paths: list[str]) -> FileSignature:
+    """(path, size, mtime) of each file that still exists."""
     entries = []
     for name in paths:
         try:

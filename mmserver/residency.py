@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 
 from .devices import Device
 from .entry import ModelEntry
@@ -109,12 +109,15 @@ class Residency:
                 missing[device] = lacking
         return missing
 
-    def victims(self, entry: ModelEntry, sizes: dict[str, int], others: list[ModelEntry]) -> list[ModelEntry]:
+    def victims(self, entry: ModelEntry, sizes: dict[str, int], others: list[ModelEntry],
+                assume_idle: Collection[ModelEntry] = ()) -> list[ModelEntry]:
         """The models to move out so ``entry`` fits; raises ``InsufficientMemory`` when even every
-        evictable model together would not make enough room."""
+        evictable model together would not make enough room. ``assume_idle``: models to count
+        as evictable although busy (would they make room once idle?)."""
         chosen: list[ModelEntry] = []
         for device, lacking in self.shortfall(entry, sizes).items():
-            pool = [e for e in others if e is not entry and e not in chosen and e.evictable]
+            pool = [e for e in others
+                    if e is not entry and e not in chosen and (e.evictable or e in assume_idle)]
             candidates = [Candidate(e, self.ledger.held(e).get(device, 0), e.last_used) for e in pool]
             picked = choose_victims([c for c in candidates if c.size > 0], lacking)
             if picked is None:

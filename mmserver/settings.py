@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     )
     max_request_bytes: Size = Field(
         64 * 1024**2,
+        gt=0,
         description="Largest request body accepted (bytes or sizes like 64MiB); beyond it: 413.",
     )
     strict_readiness: bool = Field(

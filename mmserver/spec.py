@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from .codec import DTYPES
 from .sizes import Size
@@ -27,6 +27,15 @@ class BatchingConfig(BaseModel):
     max_queue: int | None = Field(None, ge=1, description="Queued requests before 429.")
     adaptive_fill: bool | None = Field(None, description="See the server setting.")
     preferred_batch_sizes: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _preferred_sizes_fit(self) -> BatchingConfig:
+        wrong = [size for size in self.preferred_batch_sizes
+                 if size < 1 or (self.max_batch_size is not None and size > self.max_batch_size)]
+        if wrong:
+            limit = f"from 1 to max_batch_size {self.max_batch_size}" if self.max_batch_size else "at least 1"
+            raise ValueError(f"preferred_batch_sizes {wrong} must be {limit}")
+        return self
 
 
 class TensorConfig(BaseModel):
@@ -45,11 +54,19 @@ class TensorConfig(BaseModel):
             raise ValueError(f"unknown datatype {value!r}")
         return value
 
+    @field_validator("shape")
+    @classmethod
+    def _known_dimensions(cls, value: list[int]) -> list[int]:
+        if any(dim < -1 for dim in value):
+            raise ValueError(f"shape {value}: a dimension is a size from 0, or -1 for any size")
+        return value
+
     def to_spec(self) -> TensorSpec:
         return TensorSpec(self.name, self.datatype, tuple(self.shape))
 
 
-VersionPolicy = Literal["latest", "all"] | int | list[int | str]
+#: strict: YAML's ``true`` or ``"2"`` is not a count
+VersionPolicy = Literal["latest", "all"] | StrictInt | list[StrictInt | str]
 
 
 class ModelConfig(BaseModel):
@@ -80,7 +97,10 @@ class ModelConfig(BaseModel):
         if isinstance(value, int) and value < 1:
             raise ValueError("a version count must be at least 1")
         if isinstance(value, list):
-            return [str(v) for v in value]
+            versions = [str(v) for v in value]
+            if not versions or not all(v.isdigit() for v in versions):
+                raise ValueError(f"a version list names version numbers, at least one: got {value}")
+            return versions
         return value
 
 

@@ -139,7 +139,11 @@ class TabularModel(LoadedModel):
                 )
             rows, width = shape
         else:
-            rows = inputs[0].data.shape[0] if inputs[0].data.ndim else 0
+            first = inputs[0]
+            if first.data.ndim not in (1, 2):
+                raise InvalidInput(f"input '{first.name}' has shape {list(first.data.shape)}; per-column "
+                                   "inputs must all be [rows] or [rows, 1]")
+            rows = first.data.shape[0]
             for tensor in inputs:
                 shape = tensor.data.shape
                 if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] != rows:

@@ -221,6 +221,41 @@ def test_a_body_trickling_in_gets_408_and_the_server_answers_others_meanwhile(fa
     assert READ_TIMEOUT_S - 0.1 < result["took"] < READ_TIMEOUT_S + 1.5
 
 
+def test_a_request_answered_before_its_body_arrived_gets_no_second_response(faults_server):
+    """A 404, a 413 or a 200 sent before the body the head announced: at the read deadline the
+    connection is just closed, no 408 after the answer. A keep-alive connection whose next head
+    or body does not arrive in time still gets its 408. (Here keep_alive_s, 5, outlasts the read
+    deadline, so the keep-alive timer does not close the connection first.)"""
+    url = faults_server.url
+    expect = {"Content-Length": "500", "Expect": "100-continue"}
+    heads = {  # no body follows any of them
+        404: request_bytes("POST", "/v2/models/nope/infer", headers=expect),
+        413: request_bytes("POST", "/v2/models/iris/infer", headers={"Content-Length": str(2**40)}),
+        200: request_bytes("GET", "/v2/health/live", headers=expect),
+    }
+    answered = [connect(url) for _ in heads]
+    late = [connect(url) for _ in range(2)]  # keep-alive connections, then half a head or a body
+    try:
+        for sock, (status, head) in zip(answered, heads.items()):
+            sock.sendall(head)
+            assert read_response(sock).status == status
+        for sock, rest in zip(late, (b"GET /v2/health/live HTTP/1.1\r\nHo",
+                                     request_bytes("POST", "/v2/models/iris/infer", headers={"Content-Length": "9"}))):
+            sock.sendall(request_bytes("GET", "/v2/health/live"))
+            assert read_response(sock).status == 200
+            sock.sendall(rest)
+        time.sleep(READ_TIMEOUT_S + 0.5)
+        for sock in answered:
+            sock.settimeout(1.0)
+            assert sock.recv(65536) == b""  # closed, with nothing more sent
+        for sock, part in zip(late, ("head", "body")):
+            response = read_response(sock)
+            assert response.status == 408 and f"request {part} did not arrive" in response.error()
+    finally:
+        for sock in answered + late:
+            sock.close()
+
+
 def test_the_faults_server_ends_healthy(faults_server):
     assert httpx.get(f"{faults_server.url}/v2/health/ready").status_code == 200
     check_others(faults_server.url, faults_server.expected)

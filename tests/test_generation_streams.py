@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 
 from mmserver.api import generate, openai
-from mmserver.errors import InvalidInput
+from mmserver.errors import InferenceTimeout, InvalidInput
 from mmserver.api.generate import gather_all
 from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator, generate_all
 
@@ -113,3 +115,66 @@ def test_an_error_after_the_first_event_is_the_last_event_and_the_openai_stream_
         ScriptedGenerator(chunks=3, fail_after=1, crash=crash), jobs("p")[0], {"model_name": "m"})))
     assert json.loads(v2_events[0][len(b"data: "):])["text_output"] == "p0 "
     assert str(crash) in json.loads(v2_events[-1][len(b"data: "):])["error"]
+
+
+def streams(generator: ScriptedGenerator, deadline: float) -> dict[str, AsyncIterator[bytes]]:
+    """The OpenAI and the V2 stream of the prompt "p", to ``deadline``."""
+    return {"openai": openai._events(generator, jobs("p"), completion_format(), include_usage=False, deadline=deadline),
+            "v2": generate._stream_events(generator, jobs("p")[0], {"model_name": "m"}, deadline)}
+
+
+@pytest.mark.parametrize("stream", ["openai", "v2"])
+def test_a_deadline_passing_mid_stream_ends_it_with_an_error_event_and_aborts_the_generation(stream):
+    generator = ScriptedGenerator(chunks=100, delay=0.01)
+
+    async def run() -> list[bytes]:
+        return await collect(streams(generator, time.monotonic() + 0.1)[stream])
+
+    started = time.monotonic()
+    events = asyncio.run(run())
+    assert time.monotonic() - started < 0.5
+    assert generator.ends == {"p": "closed early"}  # the generation stopped at the deadline
+    if stream == "openai":
+        assert events[-1] == openai.DONE
+        events = events[:-1]
+    docs = [json.loads(event[len(b"data: "):]) for event in events]
+    assert len(docs) > 2 and all("error" not in doc for doc in docs[:-1])
+    error = docs[-1]["error"]
+    if stream == "openai":
+        assert error["code"] == "timeout" and error["type"] == "server_error"
+        error = error["message"]
+    assert error == "the request's deadline passed before the generation finished"
+
+
+@pytest.mark.parametrize("stream", ["openai", "v2"])
+def test_a_deadline_passing_before_the_first_event_is_raised_for_the_route_to_answer_504(stream):
+    generator = ScriptedGenerator(chunks=3, delay=1.0)
+
+    async def run() -> None:
+        with pytest.raises(InferenceTimeout, match="deadline passed"):
+            await collect(streams(generator, time.monotonic() + 0.05)[stream])
+
+    asyncio.run(run())
+    assert generator.ends == {"p": "closed early"}
+
+
+def test_a_stream_without_a_deadline_is_the_generators_own():
+    chunks = ScriptedGenerator().generate(jobs("p")[0])
+    assert generate.before_deadline(chunks, None) is chunks
+
+
+@pytest.mark.parametrize("model_s, server_s, own_s, expected_s", [
+    (None, None, None, None), (None, None, 2.0, 2.0), (None, 3.0, None, 3.0), (1.0, 3.0, None, 1.0),
+    (1.0, 3.0, 0.5, 0.5), (1.0, None, 2.0, 1.0),
+])
+def test_the_deadline_is_the_models_timeout_or_the_servers_shortened_by_the_requests_own(model_s, server_s, own_s,
+                                                                                         expected_s):
+    entry = SimpleNamespace(spec=SimpleNamespace(config=SimpleNamespace(timeout_s=model_s)))
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(settings=SimpleNamespace(
+        infer_timeout_s=server_s))))
+    now = time.monotonic()
+    deadline = generate.deadline_of(entry, request, None if own_s is None else now + own_s)
+    if expected_s is None:
+        assert deadline is None
+    else:
+        assert now + expected_s <= deadline < now + expected_s + 0.1

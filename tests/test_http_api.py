@@ -547,6 +547,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], int, tuple[str, ...]]] =
     ("id-not-a-string", "iris", {**one(), "id": 7}, {}, 400, ("'id'",)),
     ("parameters-not-an-object", "iris", {**one(), "parameters": [1]}, {}, 400, ("'parameters'",)),
     ("per-column-rows-differ", "iris", columns([2], [3], [2], [2]), {}, 400, ("c1", "per-column")),
+    ("per-column-scalar", "iris", columns([], [2], [2], [2]), {}, 400, ("'c0' has shape []", "[rows] or [rows, 1]")),
     ("per-column-count", "iris", columns([2], [2], [2]), {}, 400, ("3 features", "expects 4")),
     ("binary-size-vs-shape", "iris", _BIN_HEAD.replace(b"32", b"24") + bytes(24),
      {"Inference-Header-Content-Length": str(len(_BIN_HEAD))}, 400, ("input-0", "24", "32")),
@@ -666,12 +667,18 @@ def test_route_errors_under_the_openai_prefixes_have_openai_error_bodies(client,
     assert (allowed and sorted(allowed.split(", "))) == (allow and allow.split(", "))  # (a set: any order)
 
 
-def test_a_model_that_neither_generates_nor_embeds_text_is_not_an_openai_model(client):
-    assert "iris" not in [card["id"] for card in client.get("/v1/models").json()["data"]]
-    response = client.get("/v1/models/iris")
+@pytest.mark.parametrize(("model", "why"), [
+    ("iris", "it neither generates nor embeds text"),
+    ("broken", "it neither generates nor embeds text"),  # (told from its files: sklearn does neither)
+    ("nort", "runtime 'nosuch' is not installed"),  # its runtime cannot tell
+    ("no-such-model", "does not exist"),
+])
+def test_a_model_not_listed_in_v1_models_is_a_404_model_not_found(client, model, why):
+    assert model not in [card["id"] for card in client.get("/v1/models").json()["data"]]
+    response = client.get(f"/v1/models/{model}")
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "model_not_found"
-    assert "neither generates nor embeds text" in response.json()["error"]["message"]
+    assert why in response.json()["error"]["message"]
 
 
 def test_server_survives_every_bad_request(client, model_repo):
@@ -825,8 +832,10 @@ def test_unload_and_load_under_traffic(private_client, model_repo):
 
 
 def test_load_and_unload_unknown_model(private_client):
-    assert_error(private_client.post("/v2/repository/models/no-such-model/load"), 404, "no-such-model")
-    assert_error(private_client.post("/v2/repository/models/no-such-model/unload"), 404, "no-such-model")
+    load = assert_error(private_client.post("/v2/repository/models/no-such-model/load"), 404, "no-such-model")
+    unload = assert_error(private_client.post("/v2/repository/models/no-such-model/unload"), 404, "no-such-model")
+    # as every other route says it: the server's folders are nobody's business
+    assert load == unload == "model 'no-such-model' is not in the repository"
 
 
 @pytest.mark.parametrize(("model", "fragment"), [("broken", "load failed"), ("nort", "runtime 'nosuch'")])

@@ -4,9 +4,11 @@ layout, and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -94,13 +96,44 @@ def live_repo(tmp_path) -> Path:
     return repo
 
 
+def _request_head(url: str, path: str, content: bytes) -> socket.socket:
+    """A connection that has sent the head of a POST of ``content`` to ``path``, not its body."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(content)}\r\n\r\n".encode())
+    return connection
+
+
+def _rest_of_request(connection: socket.socket, content: bytes) -> tuple[int, dict]:
+    """Send the body; the response's status and JSON document."""
+    connection.sendall(content)
+    reply = b""
+    while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+            reply.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0):
+        reply += connection.recv(65536)
+    connection.close()
+    head, _, document = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(document)
+
+
 def test_versions_roll_over_without_failing_a_request(live_repo, start_server, tmp_path):
     with start_server(live_repo, tmp_path / "server.log", *WATCH) as server:
         url = server.url
         with Traffic(url, "m") as traffic:
             wait_for(lambda: len(traffic.answers) > 20, what="traffic")
+            # requests whose model was looked up (from the path, before the body is read) just
+            # before the switch: one for the default version goes to the new one, one that
+            # names version 1 is told it is no longer served
+            content = json.dumps(body(np.ones((1, FEATURES)))).encode()
+            by_default = _request_head(url, "/v2/models/m/infer", content)
+            by_version = _request_head(url, "/v2/models/m/versions/1/infer", content)
             publish(live_repo, "m/2", trained(3))
             wait_for(lambda: traffic.answers and traffic.answers[-1][1] == "2", what="version 2 to serve")
+            wait_for(lambda: index(url)[("m", "1")]["state"] == "UNAVAILABLE", what="version 1 to unload")
+            status, answer = _rest_of_request(by_default, content)
+            assert (status, answer.get("model_version")) == (200, "2"), answer
+            status, answer = _rest_of_request(by_version, content)
+            assert status == 503 and "replaced by a newer version" in answer["error"], answer
             rows = index(url)
             assert rows[("m", "2")]["state"] == "READY"
             assert rows[("m", "1")]["state"] == "UNAVAILABLE"  # drained and unloaded after the switch

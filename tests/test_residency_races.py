@@ -25,6 +25,7 @@ from test_residency import (  # tests/ is on sys.path (rootdir conftest)
     make_manager,
     request,
     serving,
+    states,
     write_model,
 )
 
@@ -197,7 +198,8 @@ async def test_a_victim_unloaded_after_it_was_chosen_does_not_fail_the_load(tmp_
         assert manager.entry("b").state is ModelState.READY and gpu.ours == 250 * MiB
 
 
-async def test_a_victim_that_got_a_request_after_it_was_chosen_is_not_evicted(tmp_path):
+async def test_a_victim_that_got_a_request_after_it_was_chosen_is_not_evicted(tmp_path, monkeypatch):
+    monkeypatch.setattr("mmserver.manager.BUSY_VICTIM_WAIT_S", 0.2)  # (v stays busy: the load gives up)
     manager, gpu, _ = two_victims(tmp_path)
     async with serving(manager):
         a, v = manager.entry("a"), manager.entry("v")
@@ -374,3 +376,153 @@ async def test_requests_waiting_for_a_load_count_as_pending(tmp_path):
         runtime.gate.set()
         await asyncio.gather(*waiting)
         assert {m.name: m.pending for m in manager.snapshot().models} == {"b": 0}
+
+
+class ExactHostRuntime(HostRuntime):
+    """The host runtime predicting exactly what its models take; its load of a version in
+    ``gated`` waits for ``gate`` (host loads run outside the residency lock)."""
+
+    def __init__(self, gated: tuple[str, ...] = ()) -> None:
+        self.gated, self.gate = gated, asyncio.Event()
+
+    def estimate(self, spec, placement: Placement) -> dict[str, int]:
+        return {HOST: int((spec.artifact / "size_mib").read_text()) * MiB}
+
+    async def load(self, spec, placement: Placement) -> HostModel:
+        if spec.version in self.gated:
+            await self.gate.wait()
+        return await super().load(spec, placement)
+
+
+def host_manager(repo, runtime: ExactHostRuntime) -> ModelManager:
+    """A manager whose host budget is 300 MiB (host models named ``fakehost`` in model.yaml)."""
+    return ModelManager(
+        Settings(model_repository=repo, host_memory_budget=300 * MiB, memory_margin=0),
+        RuntimeRegistry({"fakehost": runtime}), devices={HOST: FakeHost(10_000 * MiB)},
+    )
+
+
+def write_host_model(repo, name: str, size_mib: int, yaml_text: str = "", version: str = "") -> None:
+    folder = repo / name
+    (folder / version).mkdir(parents=True, exist_ok=True)
+    (folder / version / "size_mib").write_text(str(size_mib))
+    (folder / "model.yaml").write_text(f"runtime: fakehost\n{yaml_text}")
+
+
+@pytest.mark.parametrize("deadline_s", [None, 10.0])
+async def test_a_model_that_loaded_for_a_request_is_not_evicted_before_the_request_is_queued(tmp_path, deadline_s):
+    # Two lazy models that do not fit together, asked for at once: b's load waits for a's to
+    # measure what it takes, then evicts a once a's request is answered; never in between its
+    # load and its request's turn (a 500), and not with a 507 because a was busy a moment.
+    write_host_model(tmp_path, "a", 200, "load: lazy\n")
+    write_host_model(tmp_path, "b", 200, "load: lazy\n")
+    manager = host_manager(tmp_path, ExactHostRuntime())
+    async with serving(manager):
+        def deadline() -> float | None:
+            return None if deadline_s is None else time.monotonic() + deadline_s
+        first = asyncio.create_task(manager.infer(manager.entry("a"), request(), deadline()))
+        await asyncio.sleep(0)  # a's load starts first
+        second = asyncio.create_task(manager.infer(manager.entry("b"), request(), deadline()))
+        answers = await asyncio.gather(first, second, return_exceptions=True)
+        assert [type(a).__name__ for a in answers] == ["InferResponse", "InferResponse"], answers
+        assert manager.ledger.used(HOST) == 200 * MiB
+
+
+async def test_a_load_waits_a_moment_for_a_busy_model_to_be_idle_before_it_fails(tmp_path, monkeypatch):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        a = manager.entry("a")
+        a.model.gate = asyncio.Event()
+        running = asyncio.create_task(manager.infer(a, request()))
+        await wait_for(lambda: a.busy, "a busy")
+        asyncio.get_running_loop().call_later(0.1, a.model.gate.set)  # a's request ends soon
+        await manager.infer(manager.entry("b"), request())
+        await running
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY"} and a.parked is not None
+        monkeypatch.setattr("mmserver.manager.BUSY_VICTIM_WAIT_S", 0.2)
+        async with manager.holding(manager.entry("b")):  # a stream holds b longer than that
+            started = time.monotonic()
+            with pytest.raises(InsufficientMemory, match="busy or loading: b:1"):
+                await manager.infer(a, request())
+            assert 0.2 <= time.monotonic() - started < 1.0
+
+
+async def test_a_load_asked_for_while_an_unload_drains_waits_for_it_and_loads_one_copy(tmp_path):
+    write_model(tmp_path, "a", 100)
+    manager, gpu, runtime = make_manager(tmp_path)
+    async with serving(manager):
+        entry = manager.entry("a")
+        old = entry.model
+        old.gate = asyncio.Event()
+        running = asyncio.create_task(manager.infer(entry, request()))
+        await wait_for(lambda: entry.busy, "a request running")
+        unloading = asyncio.create_task(manager.unload("a"))
+        await wait_for(lambda: entry.state is ModelState.UNLOADING, "the unload draining")
+        loading = asyncio.create_task(manager.load("a"))  # the operator changes their mind
+        await asyncio.sleep(0.05)
+        assert gpu.ours == 100 * MiB and not loading.done()  # no second copy beside the draining one
+        old.gate.set()
+        await asyncio.gather(running, unloading, loading)
+        assert entry.state is ModelState.READY and entry.model is not old
+        assert gpu.ours == manager.ledger.used("cuda:0") == 100 * MiB
+        await manager.infer(manager.entry("a"), request())
+
+
+async def test_startup_models_that_do_not_fit_together_take_turns_and_the_server_is_ready(tmp_path):
+    # a:1 loads while a:2 still loads, so model a is not registered yet when b needs a:1's room
+    write_host_model(tmp_path, "a", 200, "versions: all\n", version="1")
+    write_host_model(tmp_path, "a", 10, "versions: all\n", version="2")
+    write_host_model(tmp_path, "b", 200)
+    runtime = ExactHostRuntime(gated=("2",))
+    manager = host_manager(tmp_path, runtime)
+    starting = asyncio.create_task(manager.start())
+    await wait_for(lambda: any(e.name == "b" and e.state is not ModelState.LOADING and e.loading is None
+                               for e in manager._holders()), "b loaded", timeout=5)
+    runtime.gate.set()
+    await starting
+    try:
+        assert manager.unready_reason() is None
+        assert states(manager) == {"a": "READY", "b": "READY"}  # (the index shows a:2 last)
+        for name, version in (("a", "1"), ("b", ""), ("a", "1")):  # the one left out comes back on its request
+            entry = manager.entry(name, version or None)
+            await manager.infer(entry, request())
+            assert entry.state is ModelState.READY
+        assert manager.ledger.used(HOST) <= 300 * MiB
+    finally:
+        await manager.stop()
+
+
+async def test_a_rescan_leaves_an_evicted_model_for_its_next_request(tmp_path):
+    # a startup model evicted for a lazy one: an unrelated change of the repository must neither
+    # bring it back (throwing out the model in use) nor, while that one is busy, fail it for good
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, runtime = make_manager(tmp_path)
+    async with serving(manager):
+        await manager.infer(manager.entry("b"), request())
+        a, b = manager.entry("a"), manager.entry("b")
+        assert a.evicted and b.state is ModelState.READY
+        b.model.gate = asyncio.Event()
+        busy = asyncio.create_task(manager.infer(b, request()))
+        await wait_for(lambda: b.busy, "b busy")
+        write_model(tmp_path, "c", 10, "load: lazy\n")
+        await manager.rescan()
+        assert b.state is ModelState.READY and a.evicted and a.served and runtime.loaded.count("a") == 1
+        b.model.gate.set()
+        await busy
+        await manager.infer(manager.entry("a"), request())
+        assert manager.entry("a").state is ModelState.READY
+
+
+async def test_a_models_timeout_bounds_the_wait_for_its_lazy_load(tmp_path):
+    write_model(tmp_path, "b", 100, "load: lazy\ntimeout_s: 0.2\n")
+    manager, _, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        started = time.monotonic()
+        with pytest.raises(InferenceTimeout, match="still loading"):
+            await manager.infer(manager.entry("b"), request())  # no deadline of its own
+        assert time.monotonic() - started < 1.0
+        runtime.gate.set()
+        await manager.infer(manager.entry("b"), request())

@@ -7,11 +7,14 @@
 - TLS: a CA and a server certificate made here (``trustme``); the server speaks HTTPS, a client
   that trusts that CA gets correct answers, one that does not is refused, plain HTTP gets nothing.
 - CORS: off by default (no ``Access-Control-Allow-Origin``); with ``--cors-origins`` the listed
-  origins get it, others do not, and preflight requests work without a token.
+  origins get it, others do not, and preflight requests work without a token; a refused one
+  gets the JSON error body.
+- Connection upgrades (WebSocket): served as plain HTTP, the token checked as ever.
 """
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Iterator
 
@@ -23,6 +26,7 @@ import trustme
 from mmserver.api import openapi
 
 from hardening_support import IRIS_ROWS, build_small_repo, infer_body, predicted
+from hardening_support import connect, http, read_response, request_bytes  # raw HTTP
 from v2_helpers import LOCAL
 
 TOKEN = "s3cret-token-Zq8"
@@ -235,3 +239,47 @@ def test_cors_for_the_configured_origins_with_preflight_needing_no_token(env_cor
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 400
     assert "access-control-allow-origin" not in preflight.headers
+
+
+@pytest.mark.parametrize("origin, method, refused", [
+    ("https://evil.example", "POST", "origin"), (ORIGIN, "DELETE", "method"),
+    ("https://evil.example", "PUT", "origin, method"),
+])
+def test_a_refused_preflight_gets_the_json_error_body(env_cors_server, origin, method, refused):
+    for path in ("/v2/models/iris/infer", "/v1/completions"):
+        preflight = httpx.options(f"{env_cors_server.url}{path}", headers={
+            "Origin": origin, "Access-Control-Request-Method": method})
+        assert preflight.status_code == 400 and preflight.headers["content-type"] == "application/json"
+        error = preflight.json()["error"]
+        if path.startswith("/v1/"):  # OpenAI's error body there
+            assert error["type"] == "invalid_request_error"
+            error = error["message"]
+        assert error == f"CORS preflight refused: disallowed {refused}"
+        assert "GET, POST" in preflight.headers["access-control-allow-methods"]  # the CORS headers stay
+        assert ("access-control-allow-origin" in preflight.headers) == (origin == ORIGIN)
+
+
+# ----------------------------------------------------------------------------- connection upgrades
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def test_a_websocket_upgrade_is_served_as_plain_http_with_the_token_checked(flag_server):
+    """No route speaks WebSocket: an upgrade request is an HTTP request like any other (not
+    uvicorn's empty 403), and one with a body (which httptools would not read) gets a 400."""
+    url = flag_server.url
+    response = http(url, "GET", "/v2", headers=UPGRADE)
+    assert response.status == 401 and "bearer" in response.error().lower()
+    with connect(url) as sock:  # the connection stays usable
+        for _ in range(2):
+            sock.sendall(request_bytes("GET", "/v2", headers={**UPGRADE, **GOOD}))
+            response = read_response(sock)
+            assert response.status == 200 and response.json()["name"] == "mmserver"
+    with connect(url) as sock:
+        sock.sendall(request_bytes("POST", "/v2/models/iris/infer", json.dumps(infer_body()).encode(),
+                                   {**UPGRADE, **GOOD, "Content-Type": "application/json"}))
+        response = read_response(sock)
+        assert response.status == 400 and "Upgrade" in response.error()
+        assert response.headers["connection"] == "close" and sock.recv(65536) == b""
+    assert "Unsupported upgrade request" not in flag_server.log()

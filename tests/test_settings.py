@@ -166,6 +166,8 @@ def test_unknown_init_key():
         ("max_delay_ms: -1\n", "max_delay_ms", "greater than or equal to 0"),
         ("max_queue: 0\n", "max_queue", "greater than or equal to 1"),
         ("max_request_bytes: lots\n", "max_request_bytes", "'lots' is not a size"),
+        ("max_request_bytes: 0\n", "max_request_bytes", "greater than 0"),  # every body would be a 413
+        ("max_request_bytes: 0KiB\n", "max_request_bytes", "greater than 0"),
         ("access_log: maybe\n", "access_log", "valid boolean"),
         ("infer_threads: 1.5\n", "infer_threads", "valid integer"),
     ],

@@ -907,6 +907,15 @@ def test_openai_completion_streamed_equals_the_whole_answer(hf_server: Any) -> N
     assert docs[-1]["usage"] == whole.json()["usage"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_the_runtime_refuses_is_a_400_naming_the_prompt(hf_server: Any, stream: bool) -> None:
+    body = {"model": "generator", "prompt": [1, 10**6], "max_tokens": 2, "stream": stream}
+    response = httpx.post(f"{hf_server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "token ids must be integers" in error["message"]
+
+
 def test_a_parameter_the_runtime_refuses_gets_its_400_also_when_streamed(hf_server: Any) -> None:
     body = {"model": "generator", "prompt": "the cat", "max_tokens": 4, "presence_penalty": 0.5}
     for stream in (False, True):
@@ -964,6 +973,90 @@ def test_chat_max_tokens_holds_when_max_completion_tokens_is_null(hf_server: Any
     response = httpx.post(f"{hf_server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 3
+
+
+def test_null_fields_take_their_defaults_as_in_openai(hf_server: Any) -> None:
+    optional = ("temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "presence_penalty",
+                "frequency_penalty", "top_k", "min_tokens", "repetition_penalty", "user", "logprobs", "logit_bias")
+    nulls = dict.fromkeys(optional)
+    completion = {"model": "generator", "prompt": "the cat", "ignore_eos": True, **nulls, "max_tokens": None,
+                  "echo": None, "suffix": None, "best_of": None}
+    response = httpx.post(f"{hf_server.url}/v1/completions", json=completion, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1 and response.json()["usage"]["completion_tokens"] == 16
+    chat = {"model": "generator", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **nulls,
+            "max_completion_tokens": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+            "parallel_tool_calls": None, "response_format": None, "ignore_eos": True}
+    response = httpx.post(f"{hf_server.url}/v1/chat/completions", json=chat, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
+    streamed = httpx.post(f"{hf_server.url}/v1/completions", timeout=60, json={
+        **completion, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}})
+    assert streamed.status_code == 200 and _events(streamed)[-1] == "[DONE]"
+    assert all(json.loads(e).get("usage") is None for e in _events(streamed)[:-1])  # include_usage: false
+    embedded = httpx.post(f"{hf_server.url}/v1/embeddings", timeout=60, json={
+        "model": "embedder", "input": "hi", "encoding_format": None, "dimensions": None, "user": None})
+    assert embedded.status_code == 200 and isinstance(embedded.json()["data"][0]["embedding"], list)
+
+
+LONG = {"max_tokens": 220, "ignore_eos": True}  # about a second on the tiny generator (256 positions)
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, timeout", [
+    ("/v2/models/generator/generate", {"text_input": "the cat", **LONG}, "0.05"),
+    ("/v2/models/generator/generate", {"text_input": "the cat", **LONG, "parameters": {"timeout": 50_000}}, None),
+    ("/v2/models/generator/generate_stream", {"text_input": "the cat", **LONG, "timeout": 1}, None),
+    ("/v1/completions", {"model": "generator", "prompt": "the cat", **LONG}, "0.05"),
+    ("/v1/completions", {"model": "generator", "prompt": "the cat", **LONG, "stream": True}, "0.000001"),
+    ("/v1/chat/completions", {"model": "generator", "messages": CHAT, **LONG}, "0.05"),
+    ("/v1/embeddings", {"model": "embedder", "input": TEXTS}, "0.000001"),
+])
+def test_the_generation_routes_keep_the_requests_own_deadline(hf_server: Any, path: str, body: dict[str, Any],
+                                                               timeout: str | None) -> None:
+    """Triton's timeout parameter (microseconds) or Request-Timeout (seconds), as on V2 inference;
+    a deadline passed before a stream's first event gets the 504 of an answer without one."""
+    started = time.monotonic()
+    response = httpx.post(f"{hf_server.url}{path}", json=body, timeout=60,
+                          headers={"Request-Timeout": timeout} if timeout else {})
+    assert response.status_code == 504, response.text
+    assert time.monotonic() - started < 0.5
+    error = response.json()["error"]
+    if path.startswith("/v1/"):
+        assert error["code"] == "timeout"
+        error = error["message"]
+    assert "the request's deadline passed" in error
+
+
+def test_a_generous_deadline_or_none_lets_the_generation_finish_and_a_bad_one_is_a_400(hf_server: Any) -> None:
+    url = hf_server.url
+    short = {"text_input": "the cat", "max_tokens": 2}
+    for body, headers in (({**short, "timeout": 60_000_000}, {}), ({**short, "parameters": {"timeout": 0}}, {}),
+                          (short, {"Request-Timeout": "60"})):
+        response = httpx.post(f"{url}/v2/models/generator/generate", json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, (body, response.text)
+    refused = httpx.post(f"{url}/v2/models/generator/generate", json={**short, "timeout": -1}, timeout=60)
+    assert refused.status_code == 400 and "parameter 'timeout'" in refused.json()["error"]
+    for path, body in (("/v1/completions", {"model": "generator", "prompt": "the cat", "max_tokens": 2}),
+                       ("/v1/embeddings", {"model": "embedder", "input": "hi"})):
+        response = httpx.post(f"{url}{path}", json=body, headers={"Request-Timeout": "soon"}, timeout=60)
+        assert response.status_code == 400 and "Request-Timeout" in response.json()["error"]["message"]
+
+
+def test_a_deadline_passing_mid_stream_ends_it_with_an_openai_error_event(hf_server: Any) -> None:
+    # sixteen sequences of 200 tokens, one after the other: seconds, far more than the deadline
+    body = {"model": "generator", "prompt": ["the cat", "a dog", "hi", "memory"], "n": 4, "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+    started = time.monotonic()
+    response = httpx.post(f"{hf_server.url}/v1/completions", json=body, headers={"Request-Timeout": "0.5"},
+                          timeout=60)
+    assert time.monotonic() - started < 1.5
+    assert response.status_code == 200, response.text
+    events = _events(response)
+    assert events[-1] == "[DONE]" and len(events) > 3
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "timeout" and "deadline passed" in error["message"]
+    assert all("error" not in json.loads(e) for e in events[:-2])
 
 
 @pytest.fixture(scope="module")
@@ -1180,7 +1273,8 @@ def test_openai_embeddings_of_more_inputs_than_a_batch_keep_their_order(hf_serve
     ({"model": "embedder", "input": "a", "dimensions": "32"}, 400, "dimensions", "positive integer"),
     ({"model": "embedder", "input": "a", "truncate": True}, 400, "truncate", "unrecognized request argument"),
     ({"input": "a"}, 400, "model", "you must provide a model"),
-    ({"model": "embedder", "input": [[1, 10**6]]}, 400, None, "token ids must be in"),
+    ({"model": "embedder", "input": [[1, 10**6]]}, 400, "input", "token ids must be in"),
+    ({"model": "embedder", "input": ["word " * 5000]}, 400, "input", "takes at most 64 tokens"),
     ({"model": "embedder", "input": [[2**63]]}, 400, "input", "'input' must be"),  # beyond int64: not a 500
     ({"model": "embedder", "input": [2**64 - 1, 5]}, 400, "input", "'input' must be"),
     ({"model": "embedder", "input": [-1, 5]}, 400, "input", "'input' must be"),

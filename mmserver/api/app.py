@@ -12,7 +12,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,7 +26,7 @@ from ..watcher import RepositoryWatcher
 from . import embeddings, generate, openai, openapi, v2
 from .http import JSON, error_parts_for
 from .infer import InferenceRoute
-from .security import BearerAuth
+from .security import BearerAuth, JSONErrorCORS
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +132,8 @@ def _protected(app: ASGIApp, settings: Settings) -> ASGIApp:
         app = BearerAuth(app, token, settings.auth_metrics)
     if settings.cors_origins:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-        app = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"],
-                             allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
+        app = JSONErrorCORS(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                            allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
     return app
 
 

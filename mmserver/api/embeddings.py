@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,16 @@ from .generate import (
     deadline_of,
     failure_response,
     gather_all,
+    hold_model,
     manager_of,
     openapi_operation,
+    own_deadline,
     read_json,
     record,
     until_disconnected,
 )
 from .http import JSON, OPENAI_PREFIXES
-from .openai import openai_body, openai_entry, openai_errors
+from .openai import naming, openai_body, openai_entry, openai_errors
 
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 ENCODINGS = ("float", "base64")
@@ -90,9 +93,7 @@ def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
 async def embeddings(request: Request) -> Response:
     doc = openai_body(await read_json(request), EMBEDDING_FIELDS, "embeddings")
     inputs = _inputs(doc.get("input"))
-    encoding = doc.get("encoding_format")
-    if encoding is None:
-        encoding = "float"
+    encoding = doc.get("encoding_format", "float")
     if encoding not in ENCODINGS:
         raise InvalidParameter(f"'encoding_format' must be one of {', '.join(ENCODINGS)}", "encoding_format")
     dimensions = doc.get("dimensions")
@@ -100,9 +101,10 @@ async def embeddings(request: Request) -> Response:
         raise InvalidParameter("'dimensions' must be a positive integer", "dimensions")
     manager = manager_of(request)
     entry = openai_entry(manager, doc["model"], EMBEDS_TEXT)
+    own = own_deadline(request)
     started = time.perf_counter()
     try:
-        vectors, tokens = await _embed(request, entry, inputs, dimensions)
+        vectors, tokens = await _embed(request, entry, inputs, dimensions, own)
     except BaseException as exc:
         return failure_response(entry, started, exc)
     body = {"object": "list", "data": None, "model": entry.name,
@@ -121,14 +123,16 @@ def _document(body: dict[str, Any], vectors: np.ndarray, encoding: str) -> bytes
     return encode_json({**body, "data": data})
 
 
-async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs,
-                 dimensions: int | None) -> tuple[np.ndarray, int]:
-    """The embeddings ``[N, D]`` of the inputs and the tokens embedded. The model is loaded if
-    need be and held while the parts are made and checked; the parts then run through its queue
-    as any V2 request does (not under the hold: an unload drains the queue but waits for every
-    hold, so a part queued by a holder would wait for itself)."""
+async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs, dimensions: int | None,
+                 own: float | None) -> tuple[np.ndarray, int]:
+    """The embeddings ``[N, D]`` of the inputs and the tokens embedded, before the request's
+    ``own`` deadline and the model's. The model is loaded if need be and held while the parts
+    are made and checked; the parts then run through its queue as any V2 request does (not under
+    the hold: an unload drains the queue but waits for every hold, so a part queued by a holder
+    would wait for itself)."""
     manager = manager_of(request)
-    async with manager.holding(entry) as model:
+    async with AsyncExitStack() as stack:
+        model = await hold_model(stack, manager, entry, own)
         embedder = as_embedder(model)
         if embedder is None:
             raise InvalidInput(f"model '{entry.key}' does not embed text")
@@ -139,17 +143,19 @@ async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs,
         batcher = entry.current().batcher
         assert batcher is not None  # held: ready, with its queue
         parts = [inputs[start:start + batcher.max_rows] for start in range(0, len(inputs), batcher.max_rows)]
-        requests = [embedder.embedding_request(part) for part in parts]
-        for part_request in requests:  # a bad input is refused before any work starts
-            model.validate(part_request)
+        with naming("input"):  # a bad input is refused before any work starts
+            requests = [embedder.embedding_request(part) for part in parts]
+            for part_request in requests:
+                model.validate(part_request)
         in_flight = asyncio.Semaphore(min(PARTS_IN_FLIGHT, batcher.policy.max_queue))
 
     async def run(part_request: InferRequest) -> InferResponse:
         async with in_flight:
-            return await manager.infer(entry, part_request)
+            return await manager.infer(entry, part_request, own)
 
     work = gather_all(run(part_request) for part_request in requests)
-    responses = await until_disconnected(work, request.receive, deadline_of(entry, request))
+    with naming("input"):
+        responses = await until_disconnected(work, request.receive, deadline_of(entry, request, own))
     vectors = [response.outputs[0].data for response in responses]
     for part, block, response in zip(parts, vectors, responses):
         if block.ndim != 2 or block.shape[0] != len(part) or type(response.parameters.get(INPUT_TOKENS)) is not int:

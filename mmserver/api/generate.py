@@ -6,16 +6,20 @@ sampling parameters, at the top level or under ``parameters`` (``max_tokens``, `
 "text_output"}``. ``.../generate_stream`` answers the same objects as server-sent events, one per
 piece of new text (the last one carries ``finish_reason``); the status waits for the first
 event, so an error before it is the V2 ``{"error": ...}`` body with its status, and one after it
-is the last event, ``{"error": ...}``.
+is the last event, ``{"error": ...}``. Triton's ``timeout`` parameter (microseconds) and the
+``Request-Timeout`` header shorten the model's deadline, as on V2 inference.
 
 Shared with the OpenAI routes (``api/openai.py``): finding a model that generates text (loading
-a lazy one, and holding it in flight for the whole request), deadlines, request metrics, and an
-event-stream response that cancels the generation when the client disconnects.
+a lazy one, and holding it in flight for the whole request), deadlines (of whole answers and of
+streams: a deadline passed mid-stream ends the stream with an error event and aborts the
+generation), request metrics, and an event-stream response that cancels the generation when the
+client disconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -50,9 +54,9 @@ from ..generation import (
 )
 from ..manager import ModelManager
 from ..metrics import outcome_of
-from ..runtime import run_sync
+from ..runtime import LoadedModel, run_sync
 from .capability import GENERATES_TEXT, capable_entry
-from .http import JSON, read_json_body
+from .http import JSON, TIMEOUT_HEADER, read_json_body, request_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,27 +98,81 @@ def generating_entry(manager: ModelManager, name: str, version: str | None = Non
     return capable_entry(manager, name, version, GENERATES_TEXT)
 
 
-async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry) -> TextGenerator:
-    """The model as a text generator, loaded if need be and held in flight until ``stack`` closes."""
-    model = await stack.enter_async_context(manager.holding(entry))
-    generator = as_generator(model)
+async def hold_model(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry,
+                     deadline: float | None) -> LoadedModel:
+    """The model, loaded if need be and held in flight until ``stack`` closes; 504 once the
+    request's ``deadline`` passes while it is still loading (the load goes on)."""
+    return await before(lambda: stack.enter_async_context(manager.holding(entry)), deadline,
+                        f"model '{entry.key}' was ready")
+
+
+async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry,
+                         deadline: float | None) -> TextGenerator:
+    """The model as a text generator, as ``hold_model`` holds it."""
+    generator = as_generator(await hold_model(stack, manager, entry, deadline))
     if generator is None:
         raise InvalidInput(f"model '{entry.key}' does not generate text")
     return generator
 
 
-def deadline_of(entry: ModelEntry, request: Request) -> float | None:
-    """Seconds a non-streamed generation may take: the model's ``timeout_s`` or the server's."""
+def own_deadline(request: Request, timeout_us: Any = None) -> float | None:
+    """The request's own deadline (``time.monotonic()``), as V2 inference reads it: Triton's
+    ``timeout`` parameter in microseconds, or the ``Request-Timeout`` header in seconds."""
+    return request_deadline(timeout_us, request.headers.get(TIMEOUT_HEADER))
+
+
+def deadline_of(entry: ModelEntry, request: Request, own: float | None) -> float | None:
+    """When work on the model that starts now must end: after the model's ``timeout_s`` (or the
+    server's ``infer_timeout_s``), or at the request's ``own`` deadline if that is sooner."""
+    timeout_s = request.app.state.settings.infer_timeout_s
     if entry.spec is not None and entry.spec.config.timeout_s is not None:
-        return entry.spec.config.timeout_s
-    return request.app.state.settings.infer_timeout_s
+        timeout_s = entry.spec.config.timeout_s
+    if timeout_s is None:
+        return own
+    ends = time.monotonic() + timeout_s
+    return ends if own is None else min(ends, own)
 
 
-async def until_disconnected(work: Awaitable[T], receive: Receive, timeout_s: float | None = None) -> T:
+async def before(start: Callable[[], Awaitable[T]], deadline: float | None, what: str) -> T:
+    """``await start()``, cancelled once ``deadline`` (``time.monotonic()``; None: never) passes,
+    and not started past it; then ``InferenceTimeout`` says that ``what`` did not happen."""
+    if deadline is None:
+        return await start()
+    left = deadline - time.monotonic()
+    if left > 0:  # (past it, an await that does not suspend, such as a chunk already waiting, is never cut)
+        try:
+            async with asyncio.timeout(left):
+                return await start()
+        except TimeoutError:
+            pass
+    raise InferenceTimeout(f"the request's deadline passed before {what}")
+
+
+def before_deadline(stream: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
+    """``stream`` (a generation's chunks) until ``deadline``; past it, the wait for the next item
+    is cancelled, the stream closed (which aborts the generation) and ``InferenceTimeout`` raised."""
+    return stream if deadline is None else _until(stream, deadline)
+
+
+async def _until(stream: AsyncIterator[T], deadline: float) -> AsyncIterator[T]:
+    try:
+        while True:
+            try:
+                item = await before(functools.partial(anext, stream), deadline, "the generation finished")
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def until_disconnected(work: Awaitable[T], receive: Receive, deadline: float | None = None) -> T:
     """Run ``work`` (after the body was read) but cancel it when the client disconnects (raising
-    ``ClientDisconnected``) or after ``timeout_s`` (raising ``InferenceTimeout``)."""
+    ``ClientDisconnected``) or once ``deadline`` (``time.monotonic()``) passes (raising
+    ``InferenceTimeout``)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    timeout_s = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -128,7 +186,7 @@ async def until_disconnected(work: Awaitable[T], receive: Receive, timeout_s: fl
     await asyncio.gather(task, return_exceptions=True)
     if watcher in done:
         raise ClientDisconnected("the client disconnected; its generation was aborted")
-    raise InferenceTimeout(f"the generation did not finish within {timeout_s:g} s")
+    raise InferenceTimeout("the request's deadline passed before its answer was ready")
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -223,13 +281,13 @@ def fail(entry: ModelEntry | None, started: float, error: BaseException) -> None
 
 async def answer(request: Request, entry: ModelEntry, started: float, stack: AsyncExitStack,
                  events: AsyncIterator[bytes] | None, work: Callable[[], Awaitable[T]],
-                 document: Callable[[T], Any]) -> Response:
+                 document: Callable[[T], Any], deadline: float | None) -> Response:
     """The response of a generation route: the event stream ``events`` (which then owns
-    ``stack``, the model's hold), or else ``document`` of what ``work`` returns, once it is done
-    (cancelled if the client leaves or the model's deadline passes)."""
+    ``stack``, the model's hold, and keeps to the deadline itself), or else ``document`` of what
+    ``work`` returns, once it is done (cancelled if the client leaves or ``deadline`` passes)."""
     if events is not None:
         # The status waits for the first event: an error before it (a parameter the runtime
-        # refuses, a full engine) gets its own status and body, as without a stream.
+        # refuses, a full engine, the deadline) gets its own status and body, as without a stream.
         try:
             first = await until_disconnected(_first(events), request.receive)
         except BaseException:
@@ -237,7 +295,7 @@ async def answer(request: Request, entry: ModelEntry, started: float, stack: Asy
             raise
         return EventStream(first, events, record(entry, started), stack)
     try:
-        result = await until_disconnected(work(), request.receive, deadline_of(entry, request))
+        result = await until_disconnected(work(), request.receive, deadline)
     finally:
         await stack.aclose()
     record(entry, started)("success")
@@ -265,7 +323,8 @@ def failure_response(entry: ModelEntry | None, started: float, error: BaseExcept
 
 
 def _generate_request(body: Any) -> tuple[str, dict[str, Any], str | None]:
-    """``text_input``, the sampling parameters and the request id of a generate request."""
+    """``text_input``, the parameters (sampling, and Triton's ``timeout``) and the request id of a
+    generate request."""
     if not isinstance(body, dict):
         raise InvalidInput("the generate request body must be a JSON object with 'text_input'")
     text = body.get("text_input")
@@ -283,7 +342,7 @@ def _generate_request(body: Any) -> tuple[str, dict[str, Any], str | None]:
     for key in set(values) & set(parameters):
         raise InvalidParameter(f"parameter '{key}' is given both at the top level and in 'parameters'", key)
     values.update(parameters)
-    refuse_unknown(values, {*SAMPLING_KEYS, *V2_ALIASES}, "generate", TRITON_FLAGS)
+    refuse_unknown(values, {*SAMPLING_KEYS, *V2_ALIASES, "timeout"}, "generate", TRITON_FLAGS)
     return text, values, request_id
 
 
@@ -306,7 +365,9 @@ async def _generate(request: Request, stream: bool) -> Any:
         text, values, request_id = _generate_request(await read_json(request))
         if values.get("stream") is True and not stream:
             raise InvalidParameter("'stream' is true: use the generate_stream route for a stream", "stream")
-        generator = await open_generator(stack, manager, entry)
+        own = own_deadline(request, values.pop("timeout", None))
+        generator = await open_generator(stack, manager, entry, own)
+        deadline = deadline_of(entry, request, own)
         sampling = parse_sampling(values, aliases=V2_ALIASES, defaults=generator.generation_defaults)
         if sampling.n != 1:
             raise InvalidParameter("parameter 'n' must be 1 on generate (one text_output)", "n")
@@ -316,17 +377,18 @@ async def _generate(request: Request, stream: bool) -> Any:
         head = {"model_name": entry.name, "model_version": entry.version}
         if request_id is not None:
             head["id"] = request_id
-        events = _stream_events(generator, job, head) if stream else None
+        events = _stream_events(generator, job, head, deadline) if stream else None
         return await answer(request, entry, started, stack, events, lambda: generate_all(generator, job),
-                            lambda results: {**head, "text_output": results[0].text})
+                            lambda results: {**head, "text_output": results[0].text}, deadline)
     except BaseException as exc:
         return await answer_failure(entry, started, stack, exc)
 
 
-async def _stream_events(generator: TextGenerator, job: GenerationRequest, head: dict[str, Any]) -> AsyncIterator[bytes]:
-    """The stream's events; an error before the first one is raised (the route answers it),
-    one after it is the last event."""
-    stream = generator.generate(job)
+async def _stream_events(generator: TextGenerator, job: GenerationRequest, head: dict[str, Any],
+                         deadline: float | None = None) -> AsyncIterator[bytes]:
+    """The stream's events until ``deadline``; an error before the first one is raised (the route
+    answers it), one after it (the deadline too) is the last event."""
+    stream = before_deadline(generator.generate(job), deadline)
     sent = False
     try:
         async for chunk in stream:
@@ -381,7 +443,8 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
             "text_input": {"type": "string"},
             "id": {"type": "string"},
             "parameters": {"type": "object", "additionalProperties": True,
-                           "description": "Sampling parameters: " + ", ".join(SAMPLING_KEYS)},
+                           "description": "Sampling parameters: " + ", ".join(SAMPLING_KEYS)
+                           + "; and Triton's timeout (microseconds)"},
         },
         "additionalProperties": True,
         "description": "Sampling parameters may also be given at the top level.",

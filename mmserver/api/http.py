@@ -5,6 +5,7 @@ the OpenAI prefixes), and decompressing a ``Content-Encoding: gzip`` or ``deflat
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,8 @@ from ..errors import (
 from ..runtime import run_sync
 
 JSON = "application/json"
+#: a request's own deadline in seconds (as KServe and Triton read it)
+TIMEOUT_HEADER = "request-timeout"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 #: where the OpenAI-compatible routes live (``/openai/v1`` is KServe's)
 OPENAI_PREFIXES = ("/v1", "/openai/v1")
@@ -122,6 +125,27 @@ def _parse_json(body: bytes, what: str) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+
+
+def request_deadline(timeout_us: Any, timeout_header: str | None) -> float | None:
+    """The request's own deadline (``time.monotonic()``), from now: the ``timeout`` request
+    parameter in microseconds (as Triton's clients send it) or the ``Request-Timeout`` header in
+    seconds, whichever is sooner; None without either. 400 for a value that is neither."""
+    limits: list[float] = []
+    if timeout_us is not None:
+        if type(timeout_us) not in (int, float) or timeout_us < 0:
+            raise InvalidInput("parameter 'timeout' must be a non-negative number of microseconds")
+        if timeout_us > 0:  # Triton's convention: 0 means no timeout
+            limits.append(timeout_us / 1e6)
+    if timeout_header is not None:
+        try:
+            seconds = float(timeout_header)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < float("inf"):
+            raise InvalidInput("header Request-Timeout must be a positive number of seconds")
+        limits.append(seconds)
+    return time.monotonic() + min(limits) if limits else None
 
 
 def content_coding(header: str | None) -> str | None:

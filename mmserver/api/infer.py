@@ -19,16 +19,25 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..codec import BINARY_HEADER, InputCheck, decode_request, encode_json, encode_response
-from ..errors import ClientDisconnected, InvalidInput, MethodNotAllowed, MMServerError
+from ..errors import ClientDisconnected, MethodNotAllowed, MMServerError
 from ..metrics import outcome_of
 from ..runtime import run_sync
 from ..types import InferRequest
-from .http import INLINE_DECODE_BYTES, JSON, content_coding, decompress, error_parts, read_body
+from .http import (
+    INLINE_DECODE_BYTES,
+    JSON,
+    TIMEOUT_HEADER,
+    content_coding,
+    decompress,
+    error_parts,
+    read_body,
+    request_deadline,
+)
 
 log = logging.getLogger(__name__)
 
 _BINARY_HEADER = BINARY_HEADER.encode()
-_TIMEOUT_HEADER = b"request-timeout"
+_TIMEOUT_HEADER = TIMEOUT_HEADER.encode()
 _ENCODING_HEADER = b"content-encoding"
 _JSON_HEADERS = [(b"content-type", JSON.encode())]
 
@@ -72,7 +81,7 @@ class InferenceRoute:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}; use POST", "POST")
             entry = self.state.manager.entry(*target)
-            headers, body = await self._infer(entry, scope, receive)
+            headers, body = await self._infer(entry, target[1] is None, scope, receive)
             status = 200
             entry.metrics.request("success", time.perf_counter() - started)
         except ClientDisconnected as exc:
@@ -94,7 +103,8 @@ class InferenceRoute:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _infer(self, entry: Any, scope: Scope, receive: Receive) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    async def _infer(self, entry: Any, by_default: bool, scope: Scope,
+                     receive: Receive) -> tuple[list[tuple[bytes, bytes]], bytes]:
         declared = binary_length = timeout_header = encoding = None
         for key, value in scope["headers"]:
             if key == b"content-length":
@@ -115,6 +125,8 @@ class InferenceRoute:
         else:
             request = await run_sync(_decode_body, body, coding, limit, binary_length, check)
         deadline = request_deadline(request.parameters.get("timeout"), timeout_header)
+        if by_default and not entry.served:  # a rollover switched versions while the body arrived
+            entry = self.state.manager.entry(entry.name)
         response = await self.state.manager.infer(entry, request, deadline, _disconnect_probe(receive))
         content, header_length = encode_response(response, request)
         if header_length is None:
@@ -132,26 +144,6 @@ def _decode_body(
     if coding is not None:
         body = decompress(body, coding, limit)
     return decode_request(body, binary_length, check)
-
-
-def request_deadline(timeout_us: Any, timeout_header: str | None) -> float | None:
-    """The request's deadline (``time.monotonic()``) from the ``timeout`` request parameter in
-    microseconds (as Triton's clients send it) or the ``Request-Timeout`` header in seconds."""
-    limits: list[float] = []
-    if timeout_us is not None:
-        if type(timeout_us) not in (int, float) or timeout_us < 0:
-            raise InvalidInput("parameter 'timeout' must be a non-negative number of microseconds")
-        if timeout_us > 0:  # Triton's convention: 0 means no timeout
-            limits.append(timeout_us / 1e6)
-    if timeout_header is not None:
-        try:
-            seconds = float(timeout_header)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds < float("inf"):
-            raise InvalidInput("header Request-Timeout must be a positive number of seconds")
-        limits.append(seconds)
-    return time.monotonic() + min(limits) if limits else None
 
 
 def _disconnect_probe(receive: Receive) -> Callable[[], bool] | None:

@@ -12,12 +12,13 @@ any unknown field gets 400. Every error body is OpenAI's:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -45,10 +46,13 @@ from .capability import EMBEDS_TEXT, GENERATES_TEXT, Capability, capable_entry
 from .generate import (
     answer,
     answer_failure,
+    before_deadline,
+    deadline_of,
     gather_all,
     late_error,
     manager_of,
     open_generator,
+    own_deadline,
     read_json,
     sse,
 )
@@ -104,13 +108,28 @@ def _served_models(manager: ModelManager) -> list[ModelEntry]:
     """The models an OpenAI route serves: those that generate or embed text."""
     entries = []
     for name in sorted({row["name"] for row in manager.index()}):
-        for capability in OPENAI_CAPABILITIES:
-            try:
-                entries.append(capable_entry(manager, name, None, capability))
-                break
-            except MMServerError:
-                continue
+        try:
+            entries.append(served_entry(manager, name))
+        except ModelNotFound:
+            continue
     return entries
+
+
+def served_entry(manager: ModelManager, model: str) -> ModelEntry:
+    """The entry of ``model`` if GET /models lists it: it generates or embeds text (told before
+    it loads); else 404 ``model_not_found``, saying why (a missing model, one that does
+    neither, one whose runtime cannot tell)."""
+    reason = "it neither generates nor embeds text"
+    for capability in OPENAI_CAPABILITIES:
+        try:
+            return openai_entry(manager, model, capability)
+        except ModelNotFound:
+            raise
+        except InvalidInput:
+            continue
+        except MMServerError as exc:  # ModelNotReady: its runtime is not installed, so it cannot tell
+            reason = exc.message
+    raise ModelNotFound(f"the model '{model}' is not one of GET /v1/models: {reason}")
 
 
 @openai_errors
@@ -121,14 +140,20 @@ async def list_models(request: Request) -> Response:
 
 @openai_errors
 async def get_model(request: Request) -> Response:
-    model = request.path_params["model"]
-    for capability in OPENAI_CAPABILITIES:
-        try:
-            return Response(encode_json(_model_card(openai_entry(manager_of(request), model, capability))),
-                            media_type=JSON)
-        except InvalidInput:  # a model that neither generates nor embeds text, and so is not listed
-            continue
-    raise ModelNotFound(f"the model '{model}' neither generates nor embeds text: it is not one of GET /v1/models")
+    entry = served_entry(manager_of(request), request.path_params["model"])
+    return Response(encode_json(_model_card(entry)), media_type=JSON)
+
+
+@contextlib.contextmanager
+def naming(param: str) -> Iterator[None]:
+    """Errors about the request's input that name no parameter (a runtime refusing a prompt's
+    token ids, an input too long) name ``param`` in OpenAI's error body."""
+    try:
+        yield
+    except InvalidInput as exc:
+        if type(exc) is not InvalidInput:  # InvalidParameter names its own; the others keep their status
+            raise
+        raise InvalidParameter(exc.message, param) from exc
 
 
 def openai_entry(manager: ModelManager, model: Any, capability: Capability = GENERATES_TEXT) -> ModelEntry:
@@ -152,19 +177,21 @@ def openai_entry(manager: ModelManager, model: Any, capability: Capability = GEN
 
 
 def openai_body(doc: Any, fields: frozenset[str], endpoint: str) -> dict[str, Any]:
-    """The request's JSON object, every field known, the model named (400 otherwise)."""
+    """The request's JSON object, every field known, the model named (400 otherwise), without
+    its null fields: as in OpenAI's API, a field that is null takes its default."""
     if not isinstance(doc, dict):
         raise InvalidParameter(f"the {endpoint} request body must be a JSON object")
     unknown = sorted(set(doc) - fields)
     if unknown:
         raise InvalidParameter(f"unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    doc = {key: value for key, value in doc.items() if value is not None}
     if "model" not in doc:
         raise InvalidParameter("you must provide a model parameter", "model")
     return doc
 
 
 def _unsupported(doc: dict[str, Any], key: str, allowed: Callable[[Any], bool], what: str) -> None:
-    if key in doc and doc[key] is not None and not allowed(doc[key]):
+    if key in doc and not allowed(doc[key]):
         raise InvalidParameter(f"'{key}' is not supported by this server ({what})", key)
 
 
@@ -174,16 +201,13 @@ def _sampling(doc: dict[str, Any], max_tokens: Any) -> SamplingParams:
     params = parse_sampling(values)
     if params.n > 1 and params.greedy:
         raise InvalidParameter("n > 1 needs sampling (temperature above 0): greedy choices are all alike", "n")
-    best_of = doc.get("best_of")
-    if best_of is not None and best_of != params.n:
+    if "best_of" in doc and doc["best_of"] != params.n:
         raise InvalidParameter("'best_of' must equal 'n' (or be left out)", "best_of")
     return params
 
 
 def _stream_flags(doc: dict[str, Any]) -> tuple[bool, bool]:
     stream = doc.get("stream", False)
-    if stream is None:
-        stream = False
     if type(stream) is not bool:
         raise InvalidParameter("'stream' must be true or false", "stream")
     options = doc.get("stream_options")
@@ -191,10 +215,13 @@ def _stream_flags(doc: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not stream:
         raise InvalidParameter("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    include_usage = options.get("include_usage") if isinstance(options, dict) else None
+    if include_usage is None:  # absent or null: the default
+        include_usage = False
     if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"} \
-            or type(options.get("include_usage", False)) is not bool:
+            or type(include_usage) is not bool:
         raise InvalidParameter("'stream_options' takes {\"include_usage\": true|false}", "stream_options")
-    return stream, options.get("include_usage", False)
+    return stream, include_usage
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -278,11 +305,9 @@ async def chat_completions(request: Request) -> Any:
     _unsupported(doc, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
                  "text responses only")
     messages = _messages(doc.get("messages"))
-    if doc.get("max_tokens") is not None and doc.get("max_completion_tokens") is not None:
+    if "max_tokens" in doc and "max_completion_tokens" in doc:
         raise InvalidParameter("send one of 'max_tokens' and 'max_completion_tokens'", "max_tokens")
-    max_tokens = doc.get("max_completion_tokens")
-    if max_tokens is None:  # absent or null: not given
-        max_tokens = doc.get("max_tokens")
+    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
     stream, include_usage = _stream_flags(doc)
     params = _sampling(doc, max_tokens)
     jobs = [GenerationRequest("", params, add_special_tokens=False)]  # the prompt: the template's
@@ -296,38 +321,42 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
     started = time.perf_counter()
     manager = manager_of(request)
     entry = openai_entry(manager, model)
+    own = own_deadline(request)
     stack = AsyncExitStack()
     try:
-        generator = await open_generator(stack, manager, entry)
-        if messages is not None:
-            jobs = [GenerationRequest(generator.chat_prompt(messages), job.params, add_special_tokens=False)
-                    for job in jobs]
-        for job in jobs:  # (tokenizing a long prompt would hold up the event loop)
-            size = await run_sync(generator.count_tokens, job.prompt, job.add_special_tokens)
-            if isinstance(job.prompt, list) and not job.prompt:
-                raise InvalidParameter("the prompt is empty", "prompt")
-            check_room(job.params, size, generator.max_model_len)
-        fmt.start(entry.name, jobs[0].params.n)
-        for i, job in enumerate(jobs):
-            job.request_id = f"{fmt.id}-{i}"
-        events = _events(generator, jobs, fmt, include_usage) if stream else None
-        return await answer(request, entry, started, stack, events, lambda: gather_all(generate_all(generator, job) for job in jobs), fmt.whole)
+        generator = await open_generator(stack, manager, entry, own)
+        deadline = deadline_of(entry, request, own)
+        with naming("prompt" if messages is None else "messages"):
+            if messages is not None:
+                jobs = [GenerationRequest(generator.chat_prompt(messages), job.params, add_special_tokens=False)
+                        for job in jobs]
+            for job in jobs:  # (tokenizing a long prompt would hold up the event loop)
+                size = await run_sync(generator.count_tokens, job.prompt, job.add_special_tokens)
+                if isinstance(job.prompt, list) and not job.prompt:
+                    raise InvalidParameter("the prompt is empty", "prompt")
+                check_room(job.params, size, generator.max_model_len)
+            fmt.start(entry.name, jobs[0].params.n)
+            for i, job in enumerate(jobs):
+                job.request_id = f"{fmt.id}-{i}"
+            events = _events(generator, jobs, fmt, include_usage, deadline) if stream else None
+            return await answer(request, entry, started, stack, events,
+                                lambda: gather_all(generate_all(generator, job) for job in jobs), fmt.whole, deadline)
     except BaseException as exc:
         return await answer_failure(entry, started, stack, exc)
 
 
 async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: _Format,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """The stream: the prompts one after the other (choice index = prompt * n + sequence). An
-    error before the first event is raised (the route answers it); one after it is the last
-    event before ``[DONE]``."""
+                  include_usage: bool, deadline: float | None = None) -> AsyncIterator[bytes]:
+    """The stream: the prompts one after the other (choice index = prompt * n + sequence), until
+    ``deadline``. An error before the first event is raised (the route answers it); one after it
+    (the deadline too) is the last event before ``[DONE]``."""
     prompt_tokens = completion_tokens = 0
     sent = False
     try:
         for p, job in enumerate(jobs):
             counted: dict[int, int] = {}
             prompt_counted = 0
-            stream = generator.generate(job)
+            stream = before_deadline(generator.generate(job), deadline)
             try:
                 async for chunk in stream:
                     index = p * job.params.n + chunk.index

@@ -10,17 +10,26 @@ client gets 408 and the connection is closed.
 
 The deadline costs nothing for the usual request, whose head and body arrive in one read: a
 timer is armed only when a read ends with a request still incomplete.
+
+The server never upgrades a connection (uvicorn runs with ``ws="none"``: no WebSocket, no h2c), so
+a request asking for one is served as plain HTTP. httptools skips the body of such a request (its
+bytes would then be read as the next request), so one that announces a body gets 400 instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..codec import encode_json
+
+log = logging.getLogger(__name__)
+#: a scope key marking a request the protocol refuses before the application sees it
+_UPGRADE_WITH_BODY = "mmserver.upgrade_with_body"
 
 
 class RequestDeadlineProtocol(HttpToolsProtocol):
@@ -56,6 +65,9 @@ class RequestDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        if self.parser.should_upgrade() and _announces_body(self.headers):
+            self.scope[_UPGRADE_WITH_BODY] = True  # type: ignore[typeddict-unknown-key]
+            self.flow.pause_reading()  # its body must not be parsed as the next request
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -77,6 +89,11 @@ class RequestDeadlineProtocol(HttpToolsProtocol):
         self._timer = None
         if self._began is None or self.transport.is_closing():
             return
+        if self._head_done and self.cycle is not None and self.cycle.response_started:
+            # answered before its body arrived (a 404, a 413): no second response, just the close
+            # (before its head is done, ``self.cycle`` is the previous request's)
+            self.transport.close()
+            return
         part = "body" if self._head_done else "head"
         self._answer_and_close(
             b"408 Request Timeout", f"the request {part} did not arrive within {self.request_timeout_s:g} s"
@@ -87,11 +104,21 @@ class RequestDeadlineProtocol(HttpToolsProtocol):
         the JSON error body every other bad request gets."""
         self._answer_and_close(b"400 Bad Request", f"malformed HTTP request: {msg}")
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn warns of every request asking to upgrade (and of a missing WebSocket library):
+        here they are plain HTTP requests."""
+        log.debug("served a request asking to upgrade the connection as plain HTTP")
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
         """Every response's head leaves with its body (``HeadWithBody``); uvicorn's answer at
-        the connection cap (``--max-connections``) is a JSON error."""
+        the connection cap (``--max-connections``) and an upgrade request with a body get JSON
+        errors."""
         cycle.transport = HeadWithBody(cycle.transport, self.loop)
-        super()._start_asgi_task(cycle, _over_the_connection_cap if app is service_unavailable else app)
+        if app is service_unavailable:
+            app = _over_the_connection_cap
+        elif _UPGRADE_WITH_BODY in cycle.scope:
+            app = _upgrade_with_a_body
+        super()._start_asgi_task(cycle, app)
 
     def _answer_and_close(self, status: bytes, message: str) -> None:
         body = encode_json({"error": message})
@@ -150,13 +177,30 @@ class HeadWithBody:
         return self._transport.get_extra_info(name, default)
 
 
-async def _over_the_connection_cap(scope: Scope, receive: Receive, send: Send) -> None:
-    body = encode_json({"error": "the server is at its connection cap (max_connections); retry later"})
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"), (b"connection", b"close"),
-    ]})
-    await send({"type": "http.response.body", "body": body})
+def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head announces a body (a non-zero Content-Length, or Transfer-Encoding)."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0"))
+               for name, value in headers)
+
+
+def _refusal(status: int, message: str, *headers: tuple[bytes, bytes]) -> ASGIApp:
+    """An ASGI application answering any request with this JSON error, closing the connection."""
+    body = encode_json({"error": message})
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *headers, (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+    return refuse
+
+
+_over_the_connection_cap = _refusal(
+    503, "the server is at its connection cap (max_connections); retry later", (b"retry-after", b"1"))
+_upgrade_with_a_body = _refusal(
+    400, "this server does not upgrade connections (no WebSocket, no h2c), and a request asking to cannot "
+    "carry a body: send it without the Upgrade header")
 
 
 def http_protocol(request_timeout_s: float) -> type[RequestDeadlineProtocol]:
