@@ -218,7 +218,7 @@ class ModelManager:
         entry = entry.current()
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
-            batcher = await self._wait_until_ready_before(entry, self._load_deadline(entry, deadline))
+            batcher = await self._wait_until_ready_before(entry, self.deadline(entry, deadline))
         if not request.outputs and entry.default_outputs:
             request.outputs = list(entry.default_outputs)
         entry.model.validate(request)  # type: ignore[union-attr]
@@ -435,8 +435,10 @@ class ModelManager:
         except TimeoutError:
             raise InferenceTimeout(f"model '{entry.key}' was still loading when the request's deadline passed") from None
 
-    def _load_deadline(self, entry: ModelEntry, deadline: float | None) -> float | None:
-        """The sooner of a request's ``deadline`` and its model's ``timeout_s`` from now."""
+    def deadline(self, entry: ModelEntry, deadline: float | None) -> float | None:
+        """When work on the model that starts now must end (``time.monotonic()``; None: never):
+        after the model's ``timeout_s`` (else the server's ``infer_timeout_s``), or at the
+        request's own ``deadline`` if that is sooner."""
         timeout = self._batch_policy(entry.spec).timeout_s if entry.spec is not None else None
         if timeout is None:
             return deadline

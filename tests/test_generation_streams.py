@@ -12,14 +12,18 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 
 import pytest
 
 from mmserver.api import generate, openai
 from mmserver.errors import InferenceTimeout, InvalidInput
 from mmserver.api.generate import gather_all
+from mmserver.entry import ModelEntry
 from mmserver.generation import GenerationChunk, GenerationRequest, SamplingParams, TextGenerator, generate_all
+from mmserver.manager import ModelManager
+from mmserver.runtime import RuntimeRegistry
+from mmserver.settings import Settings
+from mmserver.spec import ModelConfig, ModelSpec
 
 
 class ScriptedGenerator(TextGenerator):
@@ -168,12 +172,12 @@ def test_a_stream_without_a_deadline_is_the_generators_own():
     (1.0, 3.0, 0.5, 0.5), (1.0, None, 2.0, 1.0),
 ])
 def test_the_deadline_is_the_models_timeout_or_the_servers_shortened_by_the_requests_own(model_s, server_s, own_s,
-                                                                                         expected_s):
-    entry = SimpleNamespace(spec=SimpleNamespace(config=SimpleNamespace(timeout_s=model_s)))
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(settings=SimpleNamespace(
-        infer_timeout_s=server_s))))
+                                                                                         expected_s, tmp_path):
+    manager = ModelManager(Settings(model_repository=tmp_path, infer_timeout_s=server_s), RuntimeRegistry({}),
+                           devices={})
+    spec = ModelSpec("m", "1", tmp_path, "none", ModelConfig(timeout_s=model_s), "model.yaml")
     now = time.monotonic()
-    deadline = generate.deadline_of(entry, request, None if own_s is None else now + own_s)
+    deadline = manager.deadline(ModelEntry("m", "1", spec), None if own_s is None else now + own_s)
     if expected_s is None:
         assert deadline is None
     else:

@@ -34,7 +34,6 @@ from ..runtime import run_sync
 from ..types import InferRequest, InferResponse
 from .capability import EMBEDS_TEXT
 from .generate import (
-    deadline_of,
     failure_response,
     gather_all,
     hold_model,
@@ -155,7 +154,7 @@ async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs, d
 
     work = gather_all(run(part_request) for part_request in requests)
     with naming("input"):
-        responses = await until_disconnected(work, request.receive, deadline_of(entry, request, own))
+        responses = await until_disconnected(work, request.receive, manager.deadline(entry, own))
     vectors = [response.outputs[0].data for response in responses]
     for part, block, response in zip(parts, vectors, responses):
         if block.ndim != 2 or block.shape[0] != len(part) or type(response.parameters.get(INPUT_TOKENS)) is not int:

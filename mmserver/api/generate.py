@@ -121,18 +121,6 @@ def own_deadline(request: Request, timeout_us: Any = None) -> float | None:
     return request_deadline(timeout_us, request.headers.get(TIMEOUT_HEADER))
 
 
-def deadline_of(entry: ModelEntry, request: Request, own: float | None) -> float | None:
-    """When work on the model that starts now must end: after the model's ``timeout_s`` (or the
-    server's ``infer_timeout_s``), or at the request's ``own`` deadline if that is sooner."""
-    timeout_s = request.app.state.settings.infer_timeout_s
-    if entry.spec is not None and entry.spec.config.timeout_s is not None:
-        timeout_s = entry.spec.config.timeout_s
-    if timeout_s is None:
-        return own
-    ends = time.monotonic() + timeout_s
-    return ends if own is None else min(ends, own)
-
-
 async def before(start: Callable[[], Awaitable[T]], deadline: float | None, what: str) -> T:
     """``await start()``, cancelled once ``deadline`` (``time.monotonic()``; None: never) passes,
     and not started past it; then ``InferenceTimeout`` says that ``what`` did not happen."""
@@ -367,7 +355,7 @@ async def _generate(request: Request, stream: bool) -> Any:
             raise InvalidParameter("'stream' is true: use the generate_stream route for a stream", "stream")
         own = own_deadline(request, values.pop("timeout", None))
         generator = await open_generator(stack, manager, entry, own)
-        deadline = deadline_of(entry, request, own)
+        deadline = manager.deadline(entry, own)
         sampling = parse_sampling(values, aliases=V2_ALIASES, defaults=generator.generation_defaults)
         if sampling.n != 1:
             raise InvalidParameter("parameter 'n' must be 1 on generate (one text_output)", "n")

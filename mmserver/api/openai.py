@@ -47,7 +47,6 @@ from .generate import (
     answer,
     answer_failure,
     before_deadline,
-    deadline_of,
     gather_all,
     late_error,
     manager_of,
@@ -325,7 +324,7 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
     stack = AsyncExitStack()
     try:
         generator = await open_generator(stack, manager, entry, own)
-        deadline = deadline_of(entry, request, own)
+        deadline = manager.deadline(entry, own)
         with naming("prompt" if messages is None else "messages"):
             if messages is not None:
                 jobs = [GenerationRequest(generator.chat_prompt(messages), job.params, add_special_tokens=False)
