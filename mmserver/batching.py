@@ -326,8 +326,9 @@ class Batcher:
             )
         except Exception as exc:
             if len(batch) > 1:
-                for pending in batch:
-                    await self._run_batch([pending])
+                for pending in batch:  # one expired or abandoned meanwhile is dropped, not rerun
+                    if not pending.dropped(time.monotonic()):
+                        await self._run_batch([pending])
                 return
             if not isinstance(exc, MMServerError):
                 log.error("model %s failed request %s: %s: %s", self.label,
@@ -371,6 +372,8 @@ async def _own_call(
                 wait = left if wait is None else min(wait, left)
             done, _ = await asyncio.wait({work}, timeout=wait)
             if done:
+                if work.cancelled():  # not by us (that is in finally): the model cancelled its own call
+                    raise InferenceError(f"model {label} cancelled its own call")
                 return work.result()
             if is_gone is not None and is_gone():
                 raise ClientDisconnected("the client disconnected; its request was aborted")

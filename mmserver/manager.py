@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
@@ -233,15 +234,16 @@ class ModelManager:
         return response
 
     @contextlib.asynccontextmanager
-    async def holding(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
+    async def holding(self, entry: ModelEntry, deadline: float | None = None) -> AsyncIterator[LoadedModel]:
         """The loaded model, for a request that calls it directly (a streamed text generation)
-        or in several parts (embeddings): loads a lazy or evicted one like ``infer`` does, and
-        holds it in its batcher's in-flight count for as long as the context lasts, so it is not
-        evicted or unloaded underneath. A retired entry hands over to its successor."""
+        or in several parts (embeddings): loads a lazy or evicted one like ``infer`` does (the
+        wait bounded the same way, by ``deadline`` and the model's ``timeout_s``), and holds it
+        in its batcher's in-flight count for as long as the context lasts, so it is not evicted
+        or unloaded underneath. A retired entry hands over to its successor."""
         entry = entry.current()
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY:
-            batcher = await self._wait_until_ready(entry)
+            batcher = await self._wait_until_ready_before(entry, self.deadline(entry, deadline))
         entry.last_used = time.monotonic()
         try:
             async with batcher.hold() as model:
@@ -503,10 +505,9 @@ class ModelManager:
     async def _load_onto(self, entry: ModelEntry, spec: ModelSpec, runtime: Runtime, placement: Placement) -> None:
         """Make room, reserve the predicted size, load, and keep the measured size."""
         predicted = self.residency.predicted(spec, runtime, placement)
-        async with self.residency.lock:
-            if placement.is_gpu:  # first, so that room is made for the CUDA context too
-                await self.residency.prepare(runtime, placement)
-            await self._make_room(entry, predicted)
+        # (on a GPU, the runtime is readied first, so that room is made for the CUDA context too)
+        prepare = functools.partial(self.residency.prepare, runtime, placement) if placement.is_gpu else None
+        async with self._room_for(entry, predicted, prepare):
             self.ledger.reserve(entry, predicted)
             self._set_state(entry, ModelState.LOADING, f"loading onto {placement.device}")
             if placement.is_gpu:  # the whole GPU load holds the lock: its size is a before/after difference
@@ -537,8 +538,7 @@ class ModelManager:
         model, parked = entry.model, entry.parked
         assert model is not None and parked is not None
         sizes = {placement.device: sum(size for device, size in parked.items() if device != HOST)}
-        async with self.residency.lock:
-            await self._make_room(entry, sizes)
+        async with self._room_for(entry, sizes):
             self._set_state(entry, ModelState.LOADING, f"restoring from host memory onto {placement.device}")
             before = self.residency.used(placement.device)
             try:
@@ -557,49 +557,64 @@ class ModelManager:
         entry.arrived = {placement.device: grown} if grown is not None and grown > 0 else {}
         self.ledger.commit(entry, self.residency.measured(entry.spec, model, placement, grown))
 
-    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int]) -> None:
+    @contextlib.asynccontextmanager
+    async def _room_for(self, entry: ModelEntry, sizes: dict[str, int],
+                        prepare: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[None]:
+        """Hold the residency lock, with room made for ``entry`` (after ``prepare``, each time
+        the lock is taken). Where room may come later (a load under way measuring less than it
+        reserved, a busy model becoming idle), that is waited for without the lock, so that
+        loads that fit go on meanwhile, and the lock is then taken again to try anew."""
+        give_up = time.monotonic() + BUSY_VICTIM_WAIT_S
+        while True:
+            async with self.residency.lock:
+                if prepare is not None:
+                    await prepare()
+                wait = await self._make_room(entry, sizes, give_up)
+                if wait is None:
+                    yield
+                    return
+            await wait
+
+    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> Awaitable[None] | None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
         (memory that does not come back forces another victim, or the error); called with the
-        residency lock held."""
-        give_up = time.monotonic() + BUSY_VICTIM_WAIT_S
+        residency lock held. None once it fits; else what to wait for before trying again."""
         while True:
             try:
                 victims = self.residency.victims(entry, sizes, self._holders())
             except InsufficientMemory:
-                if not await self._room_may_come(entry, sizes, give_up):
+                wait = self._what_may_make_room(entry, sizes, give_up)
+                if wait is None:
                     raise
-                continue
+                return wait
             if not victims:
-                return
+                return None
             for victim in victims:
                 if not victim.evictable:  # it got a request, or was unloaded, since it was chosen
                     break
                 await self._evict(victim, f"making room for {entry.key}")
 
-    async def _room_may_come(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> bool:
-        """Wait for something that may make room for ``entry``; False when nothing can. Loads
-        past their admission hold their predicted size until they measure what they take (often
-        less), and they end without the residency lock: one on a device that lacks room is
-        waited for. Else, until ``give_up``, models that are busy but would make enough room once
-        idle are waited for, until one is idle (most are busy for milliseconds)."""
+    def _what_may_make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> Awaitable[None] | None:
+        """What to wait for that may make room for ``entry``; None when nothing can. Loads past
+        their admission hold their predicted size until they measure what they take (often
+        less): the end of one on a device that lacks room. Else, until ``give_up``, models that
+        are busy but would make enough room once idle: until one is idle (most are busy for
+        milliseconds)."""
         lacking = self.residency.shortfall(entry, sizes)
         loads = [e.loading for e in self._loads
                  if e is not entry and e.state is ModelState.LOADING and e.loading is not None
                  and any(self.ledger.held(e).get(device) for device in lacking)]
         if loads:
-            await asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
-            return True
+            return asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
         holders = self._holders()
         busy = [e for e in holders if e is not entry and e.busy and e.movable and e.state is ModelState.READY]
         if not busy or time.monotonic() >= give_up:
-            return False
+            return None
         try:
             self.residency.victims(entry, sizes, holders, assume_idle=busy)
         except InsufficientMemory:  # not enough even with them: fail now
-            return False
-        while not any(e.evictable for e in busy) and time.monotonic() < give_up:
-            await asyncio.sleep(BUSY_VICTIM_POLL_S)
-        return True
+            return None
+        return _until_one_idle(busy, give_up)
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
@@ -781,6 +796,12 @@ async def _log_load_progress(spec: ModelSpec, placement: Placement) -> None:
         await asyncio.sleep(LOAD_PROGRESS_S)
         log.info("model %s:%s still loading onto %s (%.0f s so far)", spec.name, spec.version,
                  placement.device, time.monotonic() - started)
+
+
+async def _until_one_idle(entries: list[ModelEntry], give_up: float) -> None:
+    """Poll until one of ``entries`` is idle (evictable) or ``give_up`` passes."""
+    while not any(e.evictable for e in entries) and time.monotonic() < give_up:
+        await asyncio.sleep(BUSY_VICTIM_POLL_S)
 
 
 def _check_may_load(entry: ModelEntry) -> None:

@@ -92,8 +92,9 @@ class Candidate:
 
 
 def choose_victims(candidates: list[Candidate], need: int) -> list[Candidate] | None:
-    """Least recently used first, the fewest models that free ``need`` bytes; None if all of
-    them together cannot."""
+    """Models that free ``need`` bytes, least recently used first; None if all of them together
+    cannot. Once enough are taken, those not needed after all (a small old one, where a larger
+    one taken later suffices alone) are given back, the most recently used first."""
     if need <= 0:
         return []
     chosen: list[Candidate] = []
@@ -102,5 +103,11 @@ def choose_victims(candidates: list[Candidate], need: int) -> list[Candidate] | 
         chosen.append(candidate)
         freed += candidate.size
         if freed >= need:
-            return chosen
-    return None
+            break
+    else:
+        return None
+    for candidate in reversed(chosen[:-1]):
+        if freed - candidate.size >= need:
+            chosen.remove(candidate)
+            freed -= candidate.size
+    return chosen

@@ -399,3 +399,47 @@ async def test_expired_requests_free_their_places_in_a_full_queue():
     assert values(await fresh) == [20.0]
     await first
     assert model.calls == [["first"], ["fresh"]]
+
+
+async def test_an_internally_batching_model_whose_call_cancels_itself_fails_that_request_only():
+    class CancelsItself(RowEcho):  # e.g. an engine call whose executor future was cancelled
+        async def infer(self, requests):
+            if any(r.parameters.get("cancel") for r in requests):
+                raise asyncio.CancelledError()
+            return await super().infer(requests)
+
+    batcher = Batcher(CancelsItself(batching=BatchingMode.INTERNAL), BatchPolicy(), "m:1")
+    for submit in ({}, {"deadline": time.monotonic() + 30}, {"is_gone": lambda: False}):
+        with pytest.raises(InferenceError, match="cancelled its own call"):
+            await asyncio.wait_for(batcher.submit(request("bad", [1.0], cancel=True), **submit), 2)
+        assert values(await asyncio.wait_for(batcher.submit(request("ok", [2.0]), **submit), 2)) == [20.0]
+
+
+async def test_a_failed_batch_does_not_rerun_the_requests_whose_client_left_or_deadline_passed_meanwhile():
+    class SlowBatches(RowEcho):  # a merged batch takes 0.2 s, a request alone no time
+        async def infer(self, requests):
+            if len(requests) > 1:
+                await asyncio.sleep(0.2)
+            return await super().infer(requests)
+
+    model = SlowBatches()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=16), "m:1")
+    first = await blocked(batcher, model)
+    left = False
+    gone = asyncio.create_task(batcher.submit(request("gone", [1.0]), is_gone=lambda: left))
+    stale = asyncio.create_task(batcher.submit(request("stale", [2.0]), deadline=time.monotonic() + 0.1))
+    bad = asyncio.create_task(batcher.submit(request("bad", [3.0], fail=True)))
+    ok = asyncio.create_task(batcher.submit(request("ok", [4.0])))
+    await asyncio.sleep(0)
+    model.gate.set()
+    await first
+    left = True  # while the merged batch runs, a client leaves and a deadline passes
+    with pytest.raises(InferenceError, match="asked to fail"):
+        await bad
+    assert values(await ok) == [40.0]
+    with pytest.raises(ClientDisconnected):
+        await gone
+    with pytest.raises(InferenceTimeout):
+        await stale
+    # the merged batch failed; only the requests still wanted ran again, alone
+    assert model.calls[1:] == [["gone", "stale", "bad", "ok"], ["bad"], ["ok"]]

@@ -9,6 +9,7 @@ stream can fail at a chosen point and its closing can be observed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -119,6 +120,8 @@ def test_an_error_after_the_first_event_is_the_last_event_and_the_openai_stream_
         ScriptedGenerator(chunks=3, fail_after=1, crash=crash), jobs("p")[0], {"model_name": "m"})))
     assert json.loads(v2_events[0][len(b"data: "):])["text_output"] == "p0 "
     assert str(crash) in json.loads(v2_events[-1][len(b"data: "):])["error"]
+    expected = "invalid" if isinstance(crash, InvalidInput) else "error"
+    assert events[-2].outcome == v2_events[-1].outcome == expected  # what the request's metrics record
 
 
 def streams(generator: ScriptedGenerator, deadline: float) -> dict[str, AsyncIterator[bytes]]:
@@ -143,6 +146,8 @@ def test_a_deadline_passing_mid_stream_ends_it_with_an_error_event_and_aborts_th
         events = events[:-1]
     docs = [json.loads(event[len(b"data: "):]) for event in events]
     assert len(docs) > 2 and all("error" not in doc for doc in docs[:-1])
+    assert isinstance(events[-1], generate.ErrorEvent) and events[-1].outcome == "timeout"
+    assert not any(isinstance(event, generate.ErrorEvent) for event in events[:-1])
     error = docs[-1]["error"]
     if stream == "openai":
         assert error["code"] == "timeout" and error["type"] == "server_error"
@@ -160,6 +165,34 @@ def test_a_deadline_passing_before_the_first_event_is_raised_for_the_route_to_an
 
     asyncio.run(run())
     assert generator.ends == {"p": "closed early"}
+
+
+@pytest.mark.parametrize("last, outcome", [(None, "success"), (InferenceTimeout("deadline"), "timeout"),
+                                           (RuntimeError("engine bug"), "error")])
+def test_an_event_stream_records_the_outcome_of_its_last_event(last, outcome):
+    async def events() -> AsyncIterator[bytes]:
+        yield generate.sse({"text_output": "a"})
+        if last is not None:
+            yield generate.error_event(last, lambda error: generate.sse({"error": error.message}))
+
+    sent: list[dict] = []
+    ended: list[str] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays connected
+        return {}
+
+    async def run() -> None:
+        stream = generate.EventStream(None, events(), ended.append, contextlib.AsyncExitStack())
+        await stream({"type": "http"}, receive, send)
+
+    asyncio.run(run())
+    assert ended == [outcome]
+    assert sent[0]["status"] == 200 and sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert len(sent) == (3 if last is None else 4)
 
 
 def test_a_stream_without_a_deadline_is_the_generators_own():

@@ -248,7 +248,11 @@ def test_budget_is_the_cap_but_never_more_than_others_leave():
 def test_victims_are_least_recently_used_and_as_few_as_needed():
     a, b, c = Candidate("a", 100, 3.0), Candidate("b", 100, 1.0), Candidate("c", 300, 2.0)
     assert choose_victims([a, b, c], 50) == [b]
-    assert choose_victims([a, b, c], 150) == [b, c]
+    assert choose_victims([a, b, c], 150) == [c]  # b was taken first, but c alone suffices
+    assert choose_victims([a, b, c], 350) == [b, c]
+    assert choose_victims([a, b, c], 450) == [b, c, a]
+    d = Candidate("d", 50, 0.5)
+    assert choose_victims([a, b, c, d], 120) == [d, b]  # the oldest that suffice, not c
     assert choose_victims([a, b, c], 0) == []
     assert choose_victims([a, b], 500) is None
 

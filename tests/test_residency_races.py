@@ -29,6 +29,7 @@ from test_residency import (  # tests/ is on sys.path (rootdir conftest)
     write_model,
 )
 
+from mmserver.entry import ModelEntry
 from mmserver.errors import InferenceTimeout, InsufficientMemory, ModelNotReady
 from mmserver.manager import ModelManager
 from mmserver.runtime import HOST, Placement, RuntimeRegistry
@@ -428,15 +429,21 @@ async def test_a_model_that_loaded_for_a_request_is_not_evicted_before_the_reque
         assert manager.ledger.used(HOST) == 200 * MiB
 
 
+async def busy_request(manager: ModelManager, name: str) -> tuple[ModelEntry, asyncio.Task]:
+    """A request to ``name`` that runs until its model's gate is set, once it is running."""
+    entry = manager.entry(name)
+    entry.model.gate = asyncio.Event()
+    running = asyncio.create_task(manager.infer(entry, request()))
+    await wait_for(lambda: entry.busy, f"{name} busy")
+    return entry, running
+
+
 async def test_a_load_waits_a_moment_for_a_busy_model_to_be_idle_before_it_fails(tmp_path, monkeypatch):
     write_model(tmp_path, "a", 200)
     write_model(tmp_path, "b", 200, "load: lazy\n")
     manager, gpu, _ = make_manager(tmp_path)
     async with serving(manager):
-        a = manager.entry("a")
-        a.model.gate = asyncio.Event()
-        running = asyncio.create_task(manager.infer(a, request()))
-        await wait_for(lambda: a.busy, "a busy")
+        a, running = await busy_request(manager, "a")
         asyncio.get_running_loop().call_later(0.1, a.model.gate.set)  # a's request ends soon
         await manager.infer(manager.entry("b"), request())
         await running
@@ -447,6 +454,25 @@ async def test_a_load_waits_a_moment_for_a_busy_model_to_be_idle_before_it_fails
             with pytest.raises(InsufficientMemory, match="busy or loading: b:1"):
                 await manager.infer(a, request())
             assert 0.2 <= time.monotonic() - started < 1.0
+
+
+async def test_a_load_waiting_for_a_busy_model_does_not_hold_up_a_load_that_fits(tmp_path):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    write_model(tmp_path, "c", 50, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        a, running = await busy_request(manager, "a")
+        b_first = asyncio.create_task(manager.infer(manager.entry("b"), request()))  # needs a's room
+        await asyncio.sleep(0.05)
+        assert not b_first.done()
+        started = time.monotonic()
+        await manager.infer(manager.entry("c"), request())  # fits beside a: it need not wait for b
+        assert time.monotonic() - started < 0.5 and not b_first.done()
+        a.model.gate.set()
+        await asyncio.gather(running, b_first)
+        assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "c": "READY"}
+        assert gpu.ours == manager.ledger.used("cuda:0") == 250 * MiB
 
 
 async def test_a_load_asked_for_while_an_unload_drains_waits_for_it_and_loads_one_copy(tmp_path):
@@ -516,13 +542,35 @@ async def test_a_rescan_leaves_an_evicted_model_for_its_next_request(tmp_path):
         assert manager.entry("a").state is ModelState.READY
 
 
-async def test_a_models_timeout_bounds_the_wait_for_its_lazy_load(tmp_path):
+async def hold_briefly(manager: ModelManager, entry, deadline: float | None = None) -> None:
+    async with manager.holding(entry, deadline):  # (a stream, or embeddings)
+        pass
+
+
+@pytest.mark.parametrize("use", [
+    pytest.param(lambda manager, entry: manager.infer(entry, request()), id="infer"),
+    pytest.param(hold_briefly, id="holding"),
+])
+async def test_a_models_timeout_bounds_the_wait_for_its_lazy_load(tmp_path, use):
     write_model(tmp_path, "b", 100, "load: lazy\ntimeout_s: 0.2\n")
     manager, _, runtime = manager_for(tmp_path, GatedRuntime)
     async with serving(manager):
         started = time.monotonic()
         with pytest.raises(InferenceTimeout, match="still loading"):
-            await manager.infer(manager.entry("b"), request())  # no deadline of its own
+            await use(manager, manager.entry("b"))  # no deadline of its own
         assert time.monotonic() - started < 1.0
         runtime.gate.set()
-        await manager.infer(manager.entry("b"), request())
+        await use(manager, manager.entry("b"))
+
+
+async def test_a_holders_own_deadline_shortens_the_wait_for_a_lazy_load(tmp_path):
+    write_model(tmp_path, "b", 100, "load: lazy\n")
+    manager, _, runtime = manager_for(tmp_path, GatedRuntime)
+    async with serving(manager):
+        started = time.monotonic()
+        with pytest.raises(InferenceTimeout, match="still loading"):
+            await hold_briefly(manager, manager.entry("b"), time.monotonic() + 0.2)
+        assert time.monotonic() - started < 1.0
+        runtime.gate.set()
+        await hold_briefly(manager, manager.entry("b"), time.monotonic() + 5)
+        assert manager.entry("b").state is ModelState.READY

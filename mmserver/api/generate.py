@@ -101,9 +101,9 @@ def generating_entry(manager: ModelManager, name: str, version: str | None = Non
 async def hold_model(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry,
                      deadline: float | None) -> LoadedModel:
     """The model, loaded if need be and held in flight until ``stack`` closes; 504 once the
-    request's ``deadline`` passes while it is still loading (the load goes on)."""
-    return await before(lambda: stack.enter_async_context(manager.holding(entry)), deadline,
-                        f"model '{entry.key}' was ready")
+    request's own ``deadline`` or the model's ``timeout_s`` passes while it is still loading
+    (the load goes on)."""
+    return await stack.enter_async_context(manager.holding(entry, deadline))
 
 
 async def open_generator(stack: AsyncExitStack, manager: ModelManager, entry: ModelEntry,
@@ -186,7 +186,8 @@ class EventStream:
     """An ASGI response of server-sent events (already encoded): ``first``, the one the route
     waited for before answering (None if there was none), then the rest of ``events``. When the
     client disconnects, the iterator is cancelled and closed, which aborts the generation behind
-    it; ``on_end`` is called once with the outcome (``success``, ``cancelled``, ``error``)."""
+    it; ``on_end`` is called once with the outcome (``success``, ``cancelled``, ``error``, or an
+    ``ErrorEvent``'s)."""
 
     def __init__(self, first: bytes | None, events: AsyncIterator[bytes], on_end: Callable[[str], None],
                  cleanup: AsyncExitStack) -> None:
@@ -228,8 +229,8 @@ class EventStream:
 
         async def send_event(event: bytes) -> None:
             nonlocal outcome
-            if event.startswith(b"data: {\"error\""):
-                outcome = "error"
+            if isinstance(event, ErrorEvent):
+                outcome = event.outcome
             await send({"type": "http.response.body", "body": event, "more_body": True})
 
         if self.first is not None:
@@ -240,12 +241,22 @@ class EventStream:
         return outcome
 
 
-def late_error(error: Exception) -> MMServerError:
-    """What a stream reports of an error after its first event (by then its status was sent)."""
-    if isinstance(error, MMServerError):
-        return error
-    log.error("generation failed mid-stream", exc_info=error)
-    return InferenceError(f"the generation failed: {type(error).__name__}: {error}")
+class ErrorEvent(bytes):
+    """A stream's last event, reporting an error after its first event (by then its status was
+    sent), with the ``outcome`` the request records (``timeout`` for a deadline, say)."""
+
+    outcome: str
+
+
+def error_event(error: Exception, encode: Callable[[MMServerError], bytes]) -> ErrorEvent:
+    """The event ``encode`` makes of ``error`` (one that is not an ``MMServerError`` is logged and
+    reported as a failed generation)."""
+    if not isinstance(error, MMServerError):
+        log.error("generation failed mid-stream", exc_info=error)
+        error = InferenceError(f"the generation failed: {type(error).__name__}: {error}")
+    event = ErrorEvent(encode(error))
+    event.outcome = outcome_of(error)
+    return event
 
 
 def sse(doc: Any) -> bytes:
@@ -389,7 +400,7 @@ async def _stream_events(generator: TextGenerator, job: GenerationRequest, head:
     except Exception as exc:
         if not sent:
             raise
-        yield sse({"error": late_error(exc).message})
+        yield error_event(exc, lambda error: sse({"error": error.message}))
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 

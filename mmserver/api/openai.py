@@ -47,8 +47,8 @@ from .generate import (
     answer,
     answer_failure,
     before_deadline,
+    error_event,
     gather_all,
-    late_error,
     manager_of,
     open_generator,
     own_deadline,
@@ -375,8 +375,7 @@ async def _events(generator: TextGenerator, jobs: list[GenerationRequest], fmt: 
     except Exception as exc:
         if not sent:
             raise
-        _, _, body = openai_error_parts(late_error(exc))
-        yield b"data: " + body + b"\n\n"
+        yield error_event(exc, lambda error: b"data: " + openai_error_parts(error)[2] + b"\n\n")
     yield DONE
 
 
