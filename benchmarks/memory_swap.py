@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from serving import start_server, stop_server
@@ -136,6 +137,26 @@ def host_tier_timings(log: str) -> str:
             f"max {restore_ms[-1]:.1f} ms")
 
 
+def zipf_stream(url: str, models: int, exponent: float, seconds: float, clients: int) -> tuple[int, int]:
+    """``clients`` callers each sending requests back to back for ``seconds``, to models ``m0``..
+    drawn Zipf-distributed (``m0`` the most often); requests sent and failed."""
+    weights_by_rank = [1 / (rank + 1) ** exponent for rank in range(models)]
+    deadline = time.monotonic() + seconds
+
+    def client(seed: int) -> tuple[int, int]:
+        rng = random.Random(seed)
+        sent = failed = 0
+        while time.monotonic() < deadline:
+            status, _ = post(url, f"m{rng.choices(range(models), weights_by_rank)[0]}")
+            sent += 1
+            failed += status != 200
+        return sent, failed
+
+    with ThreadPoolExecutor(clients) as pool:
+        counts = list(pool.map(client, range(clients)))
+    return sum(sent for sent, _ in counts), sum(failed for _, failed in counts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -143,6 +164,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=9)
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--clients", type=int, default=1, help="concurrent callers in the Zipf stream")
     parser.add_argument("--server-log", type=Path, help="keep the server's log here (default: a temporary folder)")
     args = parser.parse_args()
     from memory_judge import DeviceSampler, NvmlReader, cuda_context_bytes, ledger_bytes
@@ -206,18 +228,12 @@ def main() -> int:
                 repository(url, f"m{index}", "load")
 
             # 2. Zipf stream
-            weights_by_rank = [1 / (rank + 1) ** args.zipf for rank in range(args.models)]
-            rng = random.Random(0)
-            sent = failed = 0
             evictions_before = metric(url, "mmserver_model_evictions_total")
-            deadline = time.monotonic() + 60 * args.minutes
             with DeviceSampler(device, url, baseline) as sampler:
-                while time.monotonic() < deadline:
-                    status, _ = post(url, f"m{rng.choices(range(args.models), weights_by_rank)[0]}")
-                    sent += 1
-                    failed += status != 200
+                sent, failed = zipf_stream(url, args.models, args.zipf, 60 * args.minutes, args.clients)
             evictions = metric(url, "mmserver_model_evictions_total") - evictions_before
-            print(f"zipf({args.zipf}) stream for {args.minutes:g} min: {sent} requests, {failed} failed, "
+            print(f"zipf({args.zipf}) stream for {args.minutes:g} min from {args.clients} clients: "
+                  f"{sent} requests, {failed} failed, "
                   f"{evictions:.0f} evictions; peak memory above baseline {sampler.peak / 2**20:.0f} MiB of a "
                   f"{budget / 2**20:.0f} MiB budget ({'within' if sampler.peak <= budget else 'OVER'})")
             if on_gpu:

@@ -95,6 +95,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._running = 0
+        self._holds = 0  # of the running, work held open with hold() (streams)
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -115,6 +116,11 @@ class Batcher:
         """Requests waiting in the queue; for a model that batches internally (no queue here: its
         engine queues them), the requests and streams in flight."""
         return self._running if self._direct is not None else len(self._queue)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether work held with ``hold`` (a stream, which may last long) is running."""
+        return self._holds > 0
 
     @property
     def busy(self) -> bool:
@@ -187,6 +193,7 @@ class Batcher:
         if self._direct is not None and self._direct.locked():
             raise Overloaded(f"model {self.label} is at its concurrency cap", retry_after=1.0)
         self._running += 1
+        self._holds += 1
         self._idle.clear()
         try:
             if self._direct is None:
@@ -196,6 +203,7 @@ class Batcher:
                     yield self.model
         finally:
             self._running -= 1
+            self._holds -= 1
             if not self._running and not self._queue:
                 self._idle.set()
 

@@ -38,6 +38,9 @@ class ModelEntry:
     arrived: dict[str, int] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     waiting: int = 0  # requests waiting for the model to finish loading
+    # set while a load that needs this busy model's room waits for it to be idle: new requests
+    # wait until it is set (they then find the model moved out, to load it back, or still here)
+    yielding: asyncio.Event | None = None
     load_error: Exception | None = None  # why the last load failed
     # what a request that names no outputs gets: the outputs model.yaml declares (else every one)
     default_outputs: list[RequestedOutput] = field(default_factory=list)
@@ -80,6 +83,25 @@ class ModelEntry:
             and self.leaving is None
             and not self.pinned
         )
+
+    @property
+    def may_yield(self) -> bool:
+        """Busy only with requests that end soon (queued or running, no stream held open), so
+        that holding back new ones makes it idle: a load that needs its room may ask it to."""
+        return self.movable and self.batcher is not None and not self.batcher.streaming
+
+    def start_yield(self) -> bool:
+        """Hold new requests back until ``end_yield``; False if it already yields."""
+        if self.yielding is not None:
+            return False
+        self.yielding = asyncio.Event()
+        return True
+
+    def end_yield(self) -> None:
+        """Let the requests held back by ``start_yield`` go on."""
+        if self.yielding is not None:
+            self.yielding.set()
+            self.yielding = None
 
     @property
     def evictable(self) -> bool:

@@ -48,6 +48,8 @@ HEAP_CHECK_S = 1.0  # how often pending full garbage collections look for an idl
 LOAD_PROGRESS_S = 10.0  # a load that takes longer logs that it is still going this often
 BUSY_VICTIM_WAIT_S = 5.0  # how long a load that needs room waits for busy models to be idle
 BUSY_VICTIM_POLL_S = 0.002
+# after this long of that wait, the busy models it needs hold new requests back (take turns)
+BUSY_VICTIM_YIELD_S = 0.5
 
 
 class ModelManager:
@@ -218,7 +220,7 @@ class ModelManager:
         a rollover retired since it was looked up hands the request to its successor."""
         entry = entry.current()
         batcher = entry.batcher
-        if batcher is None or entry.state is not ModelState.READY:
+        if batcher is None or entry.state is not ModelState.READY or entry.yielding is not None:
             batcher = await self._wait_until_ready_before(entry, self.deadline(entry, deadline))
         if not request.outputs and entry.default_outputs:
             request.outputs = list(entry.default_outputs)
@@ -242,7 +244,7 @@ class ModelManager:
         or unloaded underneath. A retired entry hands over to its successor."""
         entry = entry.current()
         batcher = entry.batcher
-        if batcher is None or entry.state is not ModelState.READY:
+        if batcher is None or entry.state is not ModelState.READY or entry.yielding is not None:
             batcher = await self._wait_until_ready_before(entry, self.deadline(entry, deadline))
         entry.last_used = time.monotonic()
         try:
@@ -404,7 +406,11 @@ class ModelManager:
         """Wait for a loading model (starting the load of a lazy or evicted one); at most
         ``max_queue`` requests wait per model, the next ones get 503 at once. A request that
         arrives while the model is being unloaded or evicted waits for that to finish first, then
-        loads it again only where a request may (never after an operator's unload)."""
+        loads it again only where a request may (never after an operator's unload). One that
+        arrives while the model yields its room to a load waits for that first (not counted as
+        waiting: the model must become idle)."""
+        while entry.yielding is not None:
+            await entry.yielding.wait()
         _check_may_load(entry)
         limit = self._batch_policy(entry.spec).max_queue if entry.spec else 0
         if entry.waiting >= limit:
@@ -563,27 +569,35 @@ class ModelManager:
         """Hold the residency lock, with room made for ``entry`` (after ``prepare``, each time
         the lock is taken). Where room may come later (a load under way measuring less than it
         reserved, a busy model becoming idle), that is waited for without the lock, so that
-        loads that fit go on meanwhile, and the lock is then taken again to try anew."""
+        loads that fit go on meanwhile, and the lock is then taken again to try anew. Busy
+        models asked to yield their room take new requests again once this is over."""
         give_up = time.monotonic() + BUSY_VICTIM_WAIT_S
-        while True:
-            async with self.residency.lock:
-                if prepare is not None:
-                    await prepare()
-                wait = await self._make_room(entry, sizes, give_up)
-                if wait is None:
-                    yield
-                    return
-            await wait
+        yielded: list[ModelEntry] = []
+        try:
+            while True:
+                async with self.residency.lock:
+                    if prepare is not None:
+                        await prepare()
+                    wait = await self._make_room(entry, sizes, give_up, yielded)
+                    if wait is None:
+                        yield
+                        return
+                await wait
+        finally:
+            for victim in yielded:
+                victim.end_yield()
 
-    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> Awaitable[None] | None:
+    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float,
+                         yielded: list[ModelEntry]) -> Awaitable[None] | None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
         (memory that does not come back forces another victim, or the error); called with the
-        residency lock held. None once it fits; else what to wait for before trying again."""
+        residency lock held. None once it fits; else what to wait for before trying again (busy
+        models that wait asks to yield are added to ``yielded``)."""
         while True:
             try:
                 victims = self.residency.victims(entry, sizes, self._holders())
             except InsufficientMemory:
-                wait = self._what_may_make_room(entry, sizes, give_up)
+                wait = self._what_may_make_room(entry, sizes, give_up, yielded)
                 if wait is None:
                     raise
                 return wait
@@ -594,12 +608,14 @@ class ModelManager:
                     break
                 await self._evict(victim, f"making room for {entry.key}")
 
-    def _what_may_make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float) -> Awaitable[None] | None:
+    def _what_may_make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float,
+                            yielded: list[ModelEntry]) -> Awaitable[None] | None:
         """What to wait for that may make room for ``entry``; None when nothing can. Loads past
         their admission hold their predicted size until they measure what they take (often
         less): the end of one on a device that lacks room. Else, until ``give_up``, models that
         are busy but would make enough room once idle: until one is idle (most are busy for
-        milliseconds)."""
+        milliseconds), those of them the room is taken from asked to yield (``_until_one_idle``)
+        so that steady traffic cannot keep them busy for good."""
         lacking = self.residency.shortfall(entry, sizes)
         loads = [e.loading for e in self._loads
                  if e is not entry and e.state is ModelState.LOADING and e.loading is not None
@@ -611,10 +627,11 @@ class ModelManager:
         if not busy or time.monotonic() >= give_up:
             return None
         try:
-            self.residency.victims(entry, sizes, holders, assume_idle=busy)
+            picked = self.residency.victims(entry, sizes, holders, assume_idle=busy)
         except InsufficientMemory:  # not enough even with them: fail now
             return None
-        return _until_one_idle(busy, give_up)
+        busy_picked = [victim for victim in picked if victim in busy]
+        return _until_one_idle(busy, busy_picked, give_up, entry, yielded)
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
@@ -798,9 +815,19 @@ async def _log_load_progress(spec: ModelSpec, placement: Placement) -> None:
                  placement.device, time.monotonic() - started)
 
 
-async def _until_one_idle(entries: list[ModelEntry], give_up: float) -> None:
-    """Poll until one of ``entries`` is idle (evictable) or ``give_up`` passes."""
-    while not any(e.evictable for e in entries) and time.monotonic() < give_up:
+async def _until_one_idle(busy: list[ModelEntry], victims: list[ModelEntry], give_up: float,
+                          loading: ModelEntry, yielded: list[ModelEntry]) -> None:
+    """Poll until one of ``busy`` is idle (evictable) or ``give_up`` passes. Past
+    ``BUSY_VICTIM_YIELD_S`` of the wait, the ``victims`` the room of ``loading`` would come from
+    yield (hold new requests back, when they may) and are added to ``yielded``."""
+    yield_at = give_up - BUSY_VICTIM_WAIT_S + BUSY_VICTIM_YIELD_S
+    while not any(e.evictable for e in busy) and time.monotonic() < give_up:
+        if time.monotonic() >= yield_at:
+            for victim in victims:
+                if victim.may_yield and victim.start_yield():
+                    yielded.append(victim)
+                    log.info("model %s holds new requests back until it is idle, to make room for %s",
+                             victim.key, loading.key)
         await asyncio.sleep(BUSY_VICTIM_POLL_S)
 
 

@@ -75,6 +75,7 @@ class GpuModel(LoadedModel):
         self.kept = kept  # left on the GPU while in host memory (like a sleeping engine's context)
         self.where = "gpu"
         self.gate: asyncio.Event | None = None  # holds infer() until set
+        self.delay = 0.0  # seconds each infer() call takes
         self.offload_gate: asyncio.Event | None = None  # holds offload() until set
         self.offload_error: Exception | None = None  # raised by offload(), the model left on the GPU
         gpu.ours += size
@@ -86,6 +87,9 @@ class GpuModel(LoadedModel):
         assert self.where == "gpu", "a model computed while it was not on its device"
         if self.gate is not None:
             await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        assert self.where == "gpu", "a model was moved out while it computed"
         return [InferResponse([InferOutput("out", r.inputs[0].data)]) for r in requests]
 
     async def unload(self) -> None:

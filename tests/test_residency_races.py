@@ -31,7 +31,7 @@ from test_residency import (  # tests/ is on sys.path (rootdir conftest)
 
 from mmserver.entry import ModelEntry
 from mmserver.errors import InferenceTimeout, InsufficientMemory, ModelNotReady
-from mmserver.manager import ModelManager
+from mmserver.manager import BUSY_VICTIM_WAIT_S, BUSY_VICTIM_YIELD_S, ModelManager
 from mmserver.runtime import HOST, Placement, RuntimeRegistry
 from mmserver.settings import Settings
 from mmserver.types import ModelState
@@ -473,6 +473,62 @@ async def test_a_load_waiting_for_a_busy_model_does_not_hold_up_a_load_that_fits
         await asyncio.gather(running, b_first)
         assert states(manager) == {"a": "UNAVAILABLE", "b": "READY", "c": "READY"}
         assert gpu.ours == manager.ledger.used("cuda:0") == 250 * MiB
+
+
+async def steady_traffic(manager: ModelManager, name: str, clients: int, stop: asyncio.Event,
+                         peak: list[int], gpu) -> list[int]:
+    """``clients`` callers sending requests to ``name`` back to back until ``stop``; the requests
+    each served, and the most GPU memory seen after any of them (in ``peak``)."""
+    async def client() -> int:
+        served = 0
+        while not stop.is_set():
+            await manager.infer(manager.entry(name), request())
+            served += 1
+            peak[0] = max(peak[0], gpu.ours)
+        return served
+    return list(await asyncio.gather(*(client() for _ in range(clients))))
+
+
+async def test_a_load_that_needs_the_room_of_a_model_with_steady_traffic_gets_its_turn(tmp_path):
+    write_model(tmp_path, "a", 200, "batching: {max_batch_size: 1}\n")  # 3 callers: never idle
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, gpu, _ = make_manager(tmp_path)
+    async with serving(manager):
+        a = manager.entry("a")
+        a.model.delay = 0.005
+        stop, peak = asyncio.Event(), [0]
+        traffic = asyncio.create_task(steady_traffic(manager, "a", 3, stop, peak, gpu))
+        await wait_for(lambda: a.batcher.pending >= 2, "a's queue filling")
+        started = time.monotonic()
+        await manager.infer(manager.entry("b"), request())  # without a turn: 507 after 5 s
+        took = time.monotonic() - started
+        assert BUSY_VICTIM_YIELD_S <= took < BUSY_VICTIM_WAIT_S / 2
+        await wait_for(lambda: a.state is ModelState.READY and a.yielding is None, "a back, taking requests")
+        await asyncio.sleep(0.1)
+        stop.set()
+        served = await traffic
+        assert all(served), served  # every caller of a was served, before and after its turn
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE"}  # b, idle, made room for a again
+        assert peak[0] <= 300 * MiB and gpu.ours == manager.ledger.used("cuda:0") == 200 * MiB
+
+
+async def test_a_model_holding_a_stream_open_is_not_asked_to_yield_its_room(tmp_path, monkeypatch):
+    write_model(tmp_path, "a", 200)
+    write_model(tmp_path, "b", 200, "load: lazy\n")
+    manager, _, _ = make_manager(tmp_path)
+    monkeypatch.setattr("mmserver.manager.BUSY_VICTIM_WAIT_S", 0.8)
+    async with serving(manager):
+        a = manager.entry("a")
+        async with manager.holding(a):  # a stream that outlasts the wait
+            loading_b = asyncio.create_task(manager.infer(manager.entry("b"), request()))
+            await asyncio.sleep(BUSY_VICTIM_YIELD_S + 0.1)
+            assert a.yielding is None
+            started = time.monotonic()
+            await manager.infer(a, request())  # a's other requests go on meanwhile
+            assert time.monotonic() - started < 0.1
+            with pytest.raises(InsufficientMemory, match="busy or loading: a"):
+                await loading_b
+        assert states(manager) == {"a": "READY", "b": "UNAVAILABLE"}
 
 
 async def test_a_load_asked_for_while_an_unload_drains_waits_for_it_and_loads_one_copy(tmp_path):
