@@ -119,7 +119,7 @@ class Batcher:
 
     @property
     def streaming(self) -> bool:
-        """Whether work held with ``hold`` (a stream, which may last long) is running."""
+        """Whether work held with ``hold`` (a text generation, which may last long) is running."""
         return self._holds > 0
 
     @property

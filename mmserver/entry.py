@@ -86,8 +86,9 @@ class ModelEntry:
 
     @property
     def may_yield(self) -> bool:
-        """Busy only with requests that end soon (queued or running, no stream held open), so
-        that holding back new ones makes it idle: a load that needs its room may ask it to."""
+        """Busy only with requests through its queue, which end soon (no work held open with
+        ``Batcher.hold``, a generation say, which may last long), so that holding back new ones
+        makes it idle: a load that needs its room may ask it to."""
         return self.movable and self.batcher is not None and not self.batcher.streaming
 
     def start_yield(self) -> bool:
