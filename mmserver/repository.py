@@ -134,7 +134,8 @@ class Repository:
             model.served = select_versions(list(model.versions), config.versions)
             model.served_policy = config.versions
             return model
-        except (InvalidInput, OSError, ValueError) as exc:  # ValueError: a path with a NUL in it
+        except (InvalidInput, OSError, ValueError, RuntimeError) as exc:
+            # ValueError: a path with a NUL in it; RuntimeError: pathlib's "Symlink loop" (Python < 3.13)
             reason = exc.message if isinstance(exc, InvalidInput) else f"cannot read {folder}: {exc}"
             log.error("model folder %s/: %s", folder.name, reason)
             return RepositoryModel(folder_name, folder, error=reason)
@@ -243,7 +244,7 @@ def _parse_mlserver_settings(path: Path, folder_name: str) -> tuple[str, ModelCo
     where = f"{folder_name}/{MLSERVER_SETTINGS}"
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidInput(f"{where} must be a JSON object")

@@ -201,7 +201,7 @@ class YamlFileSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         try:
             data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"settings file {path} is not valid YAML: {exc}") from None
         if data is not None and not isinstance(data, dict):
             raise InvalidInput(f"settings file {path} must be a mapping of setting: value")

@@ -3,13 +3,15 @@
 Change events come from the operating system through watchfiles (or by polling, for file
 systems without events such as some network mounts). A folder being copied in must not be read
 half-written, so after events arrive the watcher waits until no file in the touched model
-folders has changed size or modification time for ``settle_s`` seconds, then rescans.
+folders (nor in any other model folder: the rescan reads them all) has changed size or
+modification time for ``settle_s`` seconds, then rescans.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -63,11 +65,22 @@ class RepositoryWatcher:
         return None
 
     async def _settle(self, names: set[str]) -> None:
-        """Wait until the touched folders stop changing."""
-        before = folder_signature(self.root, names)
+        """Wait until the touched folders stop changing, and every other model folder too: the
+        rescan reads them all, and one being copied in meanwhile (its events not seen yet, as
+        they come in a later batch) must not be read half-written."""
+        before = folder_signature(self.root, names | self._model_folders())
         while True:
             await asyncio.sleep(self.settle_s)
-            now = folder_signature(self.root, names)
+            now = folder_signature(self.root, names | self._model_folders())
             if now == before:
                 return
             before = now
+
+    def _model_folders(self) -> set[str]:
+        """The names in the repository the rescan reads (hidden ones, such as a staging folder,
+        are not read)."""
+        try:
+            with os.scandir(self.root) as entries:
+                return {entry.name for entry in entries if not entry.name.startswith(".")}
+        except OSError:
+            return set()

@@ -207,6 +207,45 @@ def test_a_failure_while_the_watcher_settles_does_not_stop_it(tmp_path, monkeypa
     assert rescans == [1]
 
 
+def test_a_rescan_waits_for_a_folder_still_being_copied_in_whose_changes_came_later(tmp_path, monkeypatch):
+    """Folder a's changes settle while b is still being copied in (b's events are in the next
+    batch): the rescan, which reads every folder, must not come before b is complete."""
+    import asyncio
+
+    from mmserver import watcher
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.joblib").write_bytes(b"a")
+    (tmp_path / "b").mkdir()
+
+    async def one_batch(*args, **kwargs):
+        yield {(1, str(tmp_path / "a" / "model.joblib"))}
+
+    monkeypatch.setattr(watcher.watchfiles, "awatch", one_batch)
+    copying = True
+    copying_at_rescans = []
+
+    async def copy_b() -> None:
+        nonlocal copying
+        with (tmp_path / "b" / "model.joblib").open("wb") as f:
+            for _ in range(12):
+                f.write(b"x" * 1000)
+                f.flush()
+                await asyncio.sleep(0.03)
+        copying = False
+
+    async def on_change() -> None:
+        copying_at_rescans.append(copying)
+
+    async def main() -> None:
+        copy = asyncio.create_task(copy_b())
+        await watcher.RepositoryWatcher(tmp_path, on_change, settle_s=0.15, poll=True).run()
+        await copy
+
+    asyncio.run(main())
+    assert copying_at_rescans == [False]
+
+
 def test_folders_dropped_in_or_removed_are_served_or_retired(live_repo, start_server, tmp_path):
     with start_server(live_repo, tmp_path / "server.log", *WATCH) as server:
         url = server.url

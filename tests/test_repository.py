@@ -202,6 +202,20 @@ def test_registry_detect_directly(artifacts, registry, tmp_path):
     assert registry.detect(tmp_path / "h") is None
 
 
+@pytest.mark.parametrize("tokenizer", ["tokenizer.model", "spiece.model"])
+def test_a_hugging_face_folder_with_a_sentencepiece_tokenizer_is_not_xgboost(artifacts, registry, tmp_path,
+                                                                             tokenizer):
+    # sentencepiece saves its tokenizers as *.model, one of XGBoost's suffixes
+    folder = tmp_path / "albert"
+    put(artifacts, "hf_config", folder, "config.json")
+    (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / tokenizer).write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    without_vllm = RuntimeRegistry({n: r for n, r in registry.runtimes.items() if n != "vllm"})
+    assert without_vllm.detect(folder) == "transformers"
+    put(artifacts, "xgb_ubj", tmp_path / "x", "model.model")  # still XGBoost's own suffix
+    assert registry.detect(tmp_path / "x") == "xgboost"
+
+
 # ----------------------------------------------------------------------------- versions
 
 
@@ -626,6 +640,17 @@ def test_a_folder_inside_a_version_linked_out_of_the_repository_is_refused(artif
     assert repo.scan()["iris"].error == "iris/1/tokenizer points outside the model repository"
 
 
+@pytest.mark.parametrize("links", [{"loop": "loop"}, {"a": "b", "b": "a"}, {"2": "2"}])
+def test_a_symlink_loop_in_a_model_folder_is_that_models_reason_not_a_failed_scan(artifacts, repo, repo_root, links):
+    put(artifacts, "logistic", repo_root / "bad", "model.joblib")
+    for name, target in links.items():
+        os.symlink(target, repo_root / "bad" / name)
+    put(artifacts, "logistic", repo_root / "good", "model.joblib")
+    models = repo.scan()  # pathlib's resolve() raises RuntimeError on a loop (Python 3.11, 3.12; not 3.13)
+    assert models["bad"].error is None or "Symlink loop" in models["bad"].error
+    assert only_version(models["good"]).runtime == "sklearn"
+
+
 def test_symlink_inside_the_repository_is_allowed(artifacts, repo, repo_root):
     put(artifacts, "logistic", repo_root / "iris", "model.joblib")
     os.symlink(repo_root / "iris", repo_root / "alias", target_is_directory=True)
@@ -705,6 +730,7 @@ def test_a_versions_spec_changes_with_its_files_and_not_with_hidden_ones(artifac
     ("model.yaml", b'runtime: sklearn\nuri: "model\\0.joblib"\n'),  # a NUL in the uri
     ("model-settings.json", json.dumps({"parameters": {"uri": "m\u0000.joblib"}}).encode()),
     ("model.yaml", ("parameters: {a: " + "[" * 3000 + "]" * 3000 + "}\n").encode()),  # nested too deep
+    ("model-settings.json", ('{"parameters": {"extra": {"a": ' + "[" * 100000 + "]" * 100000 + "}}}").encode()),
 ])
 def test_a_config_that_cannot_be_read_is_that_models_reason_not_a_failed_scan(artifacts, repo, repo_root,
                                                                                name, content):

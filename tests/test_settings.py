@@ -219,6 +219,12 @@ def test_yaml_syntax_error_is_invalid_input(tmp_path):
         load_settings(config=path)
 
 
+def test_yaml_nested_too_deep_is_invalid_input(tmp_path):
+    path = yaml_file(tmp_path, "cors_origins: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(InvalidInput, match="mmserver.yaml is not valid YAML"):
+        load_settings(config=path)
+
+
 def test_yaml_that_is_not_a_mapping_is_invalid_input(tmp_path):
     path = yaml_file(tmp_path, "- port\n- 9000\n")
     with pytest.raises(InvalidInput):

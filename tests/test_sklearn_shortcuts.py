@@ -15,6 +15,8 @@ from sklearn.ensemble import (
 from sklearn.linear_model import ElasticNet, Lasso, LinearRegression, LogisticRegression, Ridge, SGDClassifier
 from sklearn.svm import LinearSVC
 from sklearn.decomposition import PCA
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
@@ -292,3 +294,17 @@ def test_multi_output_classifiers_and_regressors_answer_a_label_or_value_per_out
     model = SKLearnModel(regressor, 0)
     assert [(o.name, o.shape) for o in model.metadata().outputs] == [("predict", (-1, 2))]
     np.testing.assert_array_equal(_served(model, x[:30])["predict"], regressor.predict(x[:30]))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: LinearRegression(), lambda: Ridge(), lambda: make_pipeline(StandardScaler(), Lasso(alpha=0.01)),
+    lambda: KNeighborsRegressor(), lambda: MultiOutputRegressor(Ridge()),
+])
+def test_multi_output_regressors_without_n_outputs_declare_the_columns_they_answer(build):
+    # only trees keep n_outputs_; the metadata and a zero-row answer must still have the columns
+    x, target = _data(n_features=4)
+    regressor = build().fit(x, np.column_stack([target, x[:, 3]]))
+    model = SKLearnModel(regressor, 0)
+    assert [(o.name, o.shape) for o in model.metadata().outputs] == [("predict", (-1, 2))]
+    np.testing.assert_array_equal(_served(model, x[:30])["predict"], regressor.predict(x[:30]))
+    assert _served(model, x[:0])["predict"].shape == (0, 2)

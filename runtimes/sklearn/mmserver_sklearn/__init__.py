@@ -7,6 +7,7 @@ scikit-learn and joblib are imported only when a model loads.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,10 @@ class SKLearnModel(TabularModel):
         label_datatype = _label_datatype(np.concatenate(classes) if per_output else self.classes)
         self._label_dtype = None if label_datatype == "BYTES" else DTYPES[label_datatype]
         n_outputs = len(classes) if per_output else int(getattr(final, "n_outputs_", 1))
-        outputs = [TensorSpec("predict", label_datatype, (-1, n_outputs) if n_outputs > 1 else (-1,))]
+        predict_shape = (-1, n_outputs) if n_outputs > 1 else (-1,)
+        if classes is None:  # only trees keep n_outputs_; a regressor's answer to one row tells the rest
+            predict_shape = _predicted_shape(estimator) or predict_shape
+        outputs = [TensorSpec("predict", label_datatype, predict_shape)]
         if self.classes is not None and hasattr(estimator, "predict_proba"):
             outputs.append(TensorSpec("predict_proba", "FP64", (-1, len(self.classes))))
         sklearn_own = from_sklearn(final) and getattr(final, "n_outputs_", 1) == 1
@@ -161,6 +165,22 @@ class SKLearnModel(TabularModel):
         self._forest = None
         self._linear = None
         await super().unload()
+
+
+def _predicted_shape(estimator: Any) -> tuple[int, ...] | None:
+    """The shape of what ``predict`` answers per batch (``(-1,)`` or ``(-1, targets)``), from
+    one row of zeros; None when it cannot be asked (no feature count, code of the user's that
+    could take any time, or it refuses the row)."""
+    n_features = getattr(estimator, "n_features_in_", None)
+    if not isinstance(n_features, int) or not _library_code_only(estimator):
+        return None
+    try:
+        with warnings.catch_warnings():  # (a model fitted on named columns warns of a bare array)
+            warnings.simplefilter("ignore")
+            shape = np.shape(estimator.predict(np.zeros((1, n_features))))
+    except Exception:  # the shape stays as the attributes tell it
+        return None
+    return (-1, *shape[1:]) if len(shape) in (1, 2) else None
 
 
 def _library_code_only(estimator: Any) -> bool:

@@ -30,7 +30,11 @@ _PROBA_OBJECTIVES = ("binary:logistic", "multi:softprob")
 
 
 def is_xgboost_file(path: Path) -> bool:
-    """Whether a file looks like a saved Booster; JSON files must start like one."""
+    """Whether a file looks like a saved Booster; JSON files must start like one. A ``.model``
+    beside a Hugging Face ``config.json`` is a sentencepiece tokenizer (tokenizer.model,
+    spiece.model), not a Booster."""
+    if path.suffix == ".model":
+        return not (path.parent / "config.json").is_file()
     if path.suffix != ".json":
         return True
     with path.open("rb") as f:
