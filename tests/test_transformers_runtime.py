@@ -916,6 +916,30 @@ def test_a_prompt_the_runtime_refuses_is_a_400_naming_the_prompt(hf_server: Any,
     assert error["param"] == "prompt" and "token ids must be integers" in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_too_long_for_the_model_is_a_400_naming_the_messages(hf_server: Any, stream: bool) -> None:
+    """A chat request has no 'prompt': the error names its 'messages' (as the README says)."""
+    body = {"model": "generator", "messages": [{"role": "user", "content": "the cat " * 200}], "max_tokens": 2,
+            "stream": stream}
+    response = httpx.post(f"{hf_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "tokens" in error["message"], error
+
+
+@pytest.mark.parametrize("param, value", [("temperature", 1e-300), ("temperature", 5e-324),
+                                          ("repetition_penalty", 1e-300), ("repetition_penalty", 5e-324)])
+def test_a_tiny_positive_temperature_or_penalty_samples_instead_of_a_500(hf_server: Any, param: str,
+                                                                       value: float) -> None:
+    """Logits divided by such a value overflow: vLLM samples at a temperature of 0.01 instead,
+    and the generator also floors the repetition penalty there."""
+    body = {"model": "generator", "prompt": "the cat", "max_tokens": 3, "temperature": 0.7, param: value,
+            "ignore_eos": True}
+    response = httpx.post(f"{hf_server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
+
+
 def test_a_parameter_the_runtime_refuses_gets_its_400_also_when_streamed(hf_server: Any) -> None:
     body = {"model": "generator", "prompt": "the cat", "max_tokens": 4, "presence_penalty": 0.5}
     for stream in (False, True):

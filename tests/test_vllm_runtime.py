@@ -630,6 +630,9 @@ def test_an_embedding_engine_serves_the_embeddings_route_and_v2(llm_server: Runn
         assert refused.status_code == 400 and "does not generate text" in refused.text, refused.text
     refused = post(llm_server, "/v1/embeddings", {"model": "llm-a", "input": "hi"})
     assert refused.status_code == 400 and "does not embed text" in refused.text, refused.text
+    # a text longer than the model's tokens can spell is refused untokenized, naming the route's field
+    refused = post(llm_server, "/v1/embeddings", {"model": EMBEDDER, "input": ["hi" * 3000]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input", refused.text
     unloaded = post(llm_server, f"/v2/repository/models/{EMBEDDER}/unload", {})
     assert unloaded.status_code == 200, unloaded.text  # its engine's memory goes back for the tests after
 
@@ -708,6 +711,10 @@ def test_a_prompt_far_too_long_is_refused_untokenized(llm_server: RunningServer)
     assert completion.status_code == 400, completion.text
     error = completion.json()["error"]
     assert error["param"] == "prompt" and "characters" in error["message"] and "4096" in error["message"]
+    chat = post(llm_server, "/v1/chat/completions",
+                {"model": "llm-a", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1})
+    assert chat.status_code == 400, chat.text
+    assert chat.json()["error"]["param"] == "messages" and "characters" in chat.json()["error"]["message"]
     inferred = v2_text(llm_server, "llm-a", [prompt])
     assert inferred.status_code == 400 and "characters" in inferred.json()["error"], inferred.text
 

@@ -149,8 +149,13 @@ def naming(param: str) -> Iterator[None]:
     token ids, an input too long) name ``param`` in OpenAI's error body."""
     try:
         yield
+    except InvalidParameter as exc:
+        # the runtimes name a text they refuse (too long) 'prompt': the route's own field here
+        if exc.param == "prompt" and param != "prompt":
+            raise InvalidParameter(exc.message, param) from exc
+        raise  # InvalidParameter names its own
     except InvalidInput as exc:
-        if type(exc) is not InvalidInput:  # InvalidParameter names its own; the others keep their status
+        if type(exc) is not InvalidInput:  # the others keep their status
             raise
         raise InvalidParameter(exc.message, param) from exc
 

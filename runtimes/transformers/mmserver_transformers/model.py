@@ -80,6 +80,9 @@ HEARTBEAT_S = 10.0
 # Sampling draws from torch's global generator: a seeded request must not share it with another
 # sampling call running at the same time, or its text would not be reproducible.
 _SAMPLING_LOCK = threading.Lock()
+#: the lowest temperature sampled with, as vLLM does, and the lowest repetition penalty (below
+#: them, logits divided by either overflow float32 and sampling fails on inf/nan probabilities)
+MIN_TEMPERATURE = MIN_REPETITION_PENALTY = 1e-2
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -558,7 +561,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         config.max_length = None
         config.min_new_tokens = params.min_tokens or None
         if params.repetition_penalty != 1.0:
-            config.repetition_penalty = params.repetition_penalty
+            config.repetition_penalty = max(params.repetition_penalty, MIN_REPETITION_PENALTY)
         if params.ignore_eos:  # (None would be refilled from the model's own generation config)
             config.eos_token_id = []
         if params.greedy:  # sampling settings of the checkpoint's generation_config do not apply
@@ -566,7 +569,7 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
             config.temperature = config.top_p = config.top_k = None
         else:
             config.do_sample = True
-            config.temperature = params.temperature
+            config.temperature = max(params.temperature, MIN_TEMPERATURE)
             config.top_p = params.top_p
             config.top_k = params.top_k  # 0 is off (None would be refilled with the checkpoint's or 50)
         return config
