@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .batching import Batcher, BatchPolicy
@@ -571,33 +572,32 @@ class ModelManager:
         reserved, a busy model becoming idle), that is waited for without the lock, so that
         loads that fit go on meanwhile, and the lock is then taken again to try anew. Busy
         models asked to yield their room take new requests again once this is over."""
-        give_up = time.monotonic() + BUSY_VICTIM_WAIT_S
-        yielded: list[ModelEntry] = []
+        wait_for_room = _RoomWait.starting_now()
         try:
             while True:
                 async with self.residency.lock:
                     if prepare is not None:
                         await prepare()
-                    wait = await self._make_room(entry, sizes, give_up, yielded)
+                    wait = await self._make_room(entry, sizes, wait_for_room)
                     if wait is None:
                         yield
                         return
                 await wait
         finally:
-            for victim in yielded:
+            for victim in wait_for_room.yielded:
                 victim.end_yield()
 
-    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float,
-                         yielded: list[ModelEntry]) -> Awaitable[None] | None:
+    async def _make_room(self, entry: ModelEntry, sizes: dict[str, int],
+                         wait_for_room: _RoomWait) -> Awaitable[None] | None:
         """Evict what ``Residency`` picks until ``entry`` fits, measuring again after each round
         (memory that does not come back forces another victim, or the error); called with the
         residency lock held. None once it fits; else what to wait for before trying again (busy
-        models that wait asks to yield are added to ``yielded``)."""
+        models that wait asks to yield are added to ``wait_for_room.yielded``)."""
         while True:
             try:
                 victims = self.residency.victims(entry, sizes, self._holders())
             except InsufficientMemory:
-                wait = self._what_may_make_room(entry, sizes, give_up, yielded)
+                wait = self._what_may_make_room(entry, sizes, wait_for_room)
                 if wait is None:
                     raise
                 return wait
@@ -608,11 +608,11 @@ class ModelManager:
                     break
                 await self._evict(victim, f"making room for {entry.key}")
 
-    def _what_may_make_room(self, entry: ModelEntry, sizes: dict[str, int], give_up: float,
-                            yielded: list[ModelEntry]) -> Awaitable[None] | None:
+    def _what_may_make_room(self, entry: ModelEntry, sizes: dict[str, int],
+                            wait_for_room: _RoomWait) -> Awaitable[None] | None:
         """What to wait for that may make room for ``entry``; None when nothing can. Loads past
         their admission hold their predicted size until they measure what they take (often
-        less): the end of one on a device that lacks room. Else, until ``give_up``, models that
+        less): the end of one on a device that lacks room. Else, until it gives up, models that
         are busy but would make enough room once idle: until one is idle (most are busy for
         milliseconds), those of them the room is taken from asked to yield (``_until_one_idle``)
         so that steady traffic cannot keep them busy for good."""
@@ -624,14 +624,14 @@ class ModelManager:
             return asyncio.wait(loads, return_when=asyncio.FIRST_COMPLETED)
         holders = self._holders()
         busy = [e for e in holders if e is not entry and e.busy and e.movable and e.state is ModelState.READY]
-        if not busy or time.monotonic() >= give_up:
+        if not busy or time.monotonic() >= wait_for_room.give_up:
             return None
         try:
             picked = self.residency.victims(entry, sizes, holders, assume_idle=busy)
         except InsufficientMemory:  # not enough even with them: fail now
             return None
         busy_picked = [victim for victim in picked if victim in busy]
-        return _until_one_idle(busy, busy_picked, give_up, entry, yielded)
+        return _until_one_idle(busy, busy_picked, wait_for_room, entry)
 
     async def _evict(self, entry: ModelEntry, reason: str) -> None:
         """Move an idle model out of its device: to host RAM when it can go there, else unload it."""
@@ -815,17 +815,31 @@ async def _log_load_progress(spec: ModelSpec, placement: Placement) -> None:
                  placement.device, time.monotonic() - started)
 
 
-async def _until_one_idle(busy: list[ModelEntry], victims: list[ModelEntry], give_up: float,
-                          loading: ModelEntry, yielded: list[ModelEntry]) -> None:
-    """Poll until one of ``busy`` is idle (evictable) or ``give_up`` passes. Past
-    ``BUSY_VICTIM_YIELD_S`` of the wait, the ``victims`` the room of ``loading`` would come from
-    yield (hold new requests back, when they may) and are added to ``yielded``."""
-    yield_at = give_up - BUSY_VICTIM_WAIT_S + BUSY_VICTIM_YIELD_S
-    while not any(e.evictable for e in busy) and time.monotonic() < give_up:
-        if time.monotonic() >= yield_at:
+@dataclass(slots=True)
+class _RoomWait:
+    """One load's wait for room: when it gives up, when the busy models its room would come from
+    are asked to yield, and those that yield for it."""
+
+    give_up: float
+    yield_at: float
+    yielded: list[ModelEntry] = field(default_factory=list)
+
+    @classmethod
+    def starting_now(cls) -> _RoomWait:
+        now = time.monotonic()
+        return cls(now + BUSY_VICTIM_WAIT_S, now + BUSY_VICTIM_YIELD_S)
+
+
+async def _until_one_idle(busy: list[ModelEntry], victims: list[ModelEntry], wait_for_room: _RoomWait,
+                          loading: ModelEntry) -> None:
+    """Poll until one of ``busy`` is idle (evictable) or the wait gives up. From its
+    ``yield_at``, the ``victims`` the room of ``loading`` would come from yield (hold new
+    requests back, when they may) and are added to its ``yielded``."""
+    while not any(e.evictable for e in busy) and time.monotonic() < wait_for_room.give_up:
+        if time.monotonic() >= wait_for_room.yield_at:
             for victim in victims:
                 if victim.may_yield and victim.start_yield():
-                    yielded.append(victim)
+                    wait_for_room.yielded.append(victim)
                     log.info("model %s holds new requests back until it is idle, to make room for %s",
                              victim.key, loading.key)
         await asyncio.sleep(BUSY_VICTIM_POLL_S)
