@@ -524,6 +524,30 @@ def test_classifier_batch_equals_single_requests(loaded: dict[str, Any], referen
     assert len(set(labels)) > 1  # the random classifier does tell these texts apart
 
 
+@pytest.mark.parametrize("config_pad", ["eos", "not a token"])
+def test_a_decoder_classifier_scores_a_batched_row_as_alone(config_pad: str, tmp_path: Path) -> None:
+    """A Llama classifier scores the last token that is not its config's padding id: a batch
+    padded with another id (the tokenizer's) would score a short row at a padding position."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pad = {"eos": 2, "not a token": -1}[config_pad]
+    folder = tiny_hf.build_decoder_classifier(tmp_path / "llama-classifier", config_pad_token_id=pad)
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder, "llama-classifier"), Placement()))
+    try:
+        batched = infer(model, text_request(*TEXTS))[0]["scores"]
+        singles = [infer(model, text_request(text))[0]["scores"][0] for text in TEXTS]
+    finally:
+        asyncio.run(model.unload())
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for row, single, text in zip(batched, singles, TEXTS):
+        with torch.inference_mode():  # one unpadded row: transformers' own answer
+            alone = torch.softmax(hf(**tokenizer(text, return_tensors="pt")).logits, -1)[0].numpy()
+        np.testing.assert_allclose(single, alone, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(row, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_generator_batch_equals_single_requests(loaded: dict[str, Any], reference: Reference) -> None:
     model = loaded["generator"]
     batched = infer(model, text_request(TEXTS[0], TEXTS[1]), text_request(TEXTS[2]))

@@ -7,6 +7,9 @@ Three models with seeded random weights, saved with ``save_pretrained`` in a rep
 - ``generator``: a ``LlamaForCausalLM`` (hidden 64, 2 layers, head size 32, vocab 512) with a
   byte-level BPE tokenizer.
 
+``build_decoder_classifier`` makes a ``LlamaForSequenceClassification`` whose config names a
+padding token other than its tokenizer's (decoder classifiers score the last token that is not it).
+
 ``build_sized_llama`` makes a random Llama of about a given size (for the memory manager's tests
 and benchmarks), and ``link_model`` repeats a model folder under other names without copying.
 
@@ -158,6 +161,26 @@ def build_generator(path: Path, seed: int = 2, max_positions: int = 256, chat_te
         tokenizer_config["model_max_length"] = max_positions
         config_path.write_text(json.dumps(tokenizer_config, indent=2))
         (path / "chat_template.jinja").unlink(missing_ok=True)
+    return path
+
+
+def build_decoder_classifier(path: Path, config_pad_token_id: int, seed: int = 4) -> Path:
+    """A tiny ``LlamaForSequenceClassification`` (3 labels) with the byte-level BPE tokenizer,
+    whose config says ``config_pad_token_id`` is padding (its tokenizer pads with ``<pad>``)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = byte_bpe_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=config_pad_token_id, num_labels=len(LABELS), id2label=dict(LABELS),
+        label2id={v: k for k, v in LABELS.items()},
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

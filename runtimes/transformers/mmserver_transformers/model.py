@@ -225,13 +225,11 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         if tokenizer.pad_token_id is None:  # e.g. GPT-2 and Llama tokenizers: pad with eos (masked anyway)
             fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
             tokenizer.pad_token = fallback
-        self.pad_id = int(tokenizer.pad_token_id)
-        if getattr(model.config, "pad_token_id", None) is None:  # decoder classifiers look for it
-            model.config.pad_token_id = self.pad_id
+        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
+        self.pad_id = self._padding_id(model.config, int(tokenizer.pad_token_id))
         if self.task == GENERATION:
             tokenizer.truncation_side = "left"  # keep the end of a prompt that is too long
 
-        self.vocab_size = int(getattr(model.config, "vocab_size", 0) or len(tokenizer))
         positions = max_positions(config)
         if positions:
             positions -= _position_offset(model)
@@ -505,6 +503,18 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
                 raise InvalidInput(f"input '{name}': text {row} is empty" if not ids
                                    else self._too_long(name, row, size, room))
         return encoded
+
+    def _padding_id(self, config: Any, tokenizer_pad: int) -> int:
+        """The id batches are padded with. A decoder classifier (Llama, GPT-2) scores each row's
+        last token that is not its config's ``pad_token_id``, so a classifier pads with that id
+        when it is a token; otherwise the config is given the tokenizer's (padding is masked for
+        every other use)."""
+        configured = getattr(config, "pad_token_id", None)
+        if self.task == CLASSIFICATION and type(configured) is int and 0 <= configured < self.vocab_size:
+            return configured
+        if configured is None or self.task == CLASSIFICATION:
+            config.pad_token_id = tokenizer_pad
+        return tokenizer_pad
 
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One [B, L] batch: right padding for encoders, left padding for generation."""
