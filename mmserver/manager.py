@@ -331,8 +331,7 @@ class ModelManager:
                 entry.successor = successor if successor is not None and successor.served else None
             await asyncio.gather(*(self._unload(e, "replaced by a newer version or files")
                                    for e in retired if e.model is not None))
-            for version in current.keys() - wanted.keys():  # its folder is gone
-                self.metrics.forget(name, version)
+            self.metrics.keep_only(name, wanted)  # a version whose folder is gone loses its series
             if fresh or retired:
                 log.info("model %s: versions %s, serving %s (default %s)", name, ", ".join(wanted),
                          ", ".join(sorted(served, key=_version_order)) or "none", self._default_version[name])
@@ -391,8 +390,7 @@ class ModelManager:
         self._models.pop(name, None)
         self._default_version.pop(name, None)
         self._folder_errors.pop(name, None)
-        for version in entries:
-            self.metrics.forget(name, version)
+        self.metrics.keep_only(name, ())
         log.info("model %s removed: its folder is gone", name)
 
     def _served_versions(self, name: str) -> list[str]:

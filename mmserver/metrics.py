@@ -175,10 +175,13 @@ class Metrics:
             self.models[key] = ModelMetrics(name, version)
         return self.models[key]
 
-    def forget(self, name: str, version: str) -> None:
-        """Stop exporting a version whose folder is gone, so that series do not pile up as a
-        repository publishes versions (a version that comes back starts from zero: a counter reset)."""
-        self.models.pop((name, version), None)
+    def keep_only(self, name: str, versions: Iterable[str]) -> None:
+        """Stop exporting the versions of ``name`` not in ``versions`` (their folders are gone), so
+        that series do not pile up as a repository publishes versions (a version that comes back
+        starts from zero: a counter reset)."""
+        kept = set(versions)
+        for key in [k for k in self.models if k[0] == name and k[1] not in kept]:
+            del self.models[key]
 
     def set_snapshot(self, snapshot: Callable[[], ServerSnapshot]) -> None:
         """Where the scrape-time gauges read the server's state."""

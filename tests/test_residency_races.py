@@ -32,6 +32,7 @@ from test_residency import (  # tests/ is on sys.path (rootdir conftest)
 from mmserver.entry import ModelEntry
 from mmserver.errors import InferenceTimeout, InsufficientMemory, ModelNotReady
 from mmserver.manager import BUSY_VICTIM_WAIT_S, BUSY_VICTIM_YIELD_S, ModelManager
+from mmserver.metrics import Metrics
 from mmserver.runtime import HOST, Placement, RuntimeRegistry
 from mmserver.settings import Settings
 from mmserver.types import ModelState
@@ -135,6 +136,38 @@ async def test_a_failed_reload_of_new_files_keeps_the_serving_models_reservation
         await manager.rescan()
         assert manager.entry("a") is old and old.state is ModelState.READY
         assert manager.ledger.held(old) == {"cuda:0": 100 * MiB} == {"cuda:0": gpu.ours}
+
+
+def exported_versions(manager: ModelManager, name: str) -> set[str]:
+    """The versions of ``name`` the metrics exposition has series of."""
+    text = manager.metrics.render().decode()
+    return {v for v in ("1", "2", "3") if f'model_name="{name}",model_version="{v}"' in text}
+
+
+@pytest.mark.parametrize("then", ["other versions", "removed"])
+async def test_a_versions_series_go_with_its_folder_also_after_the_folder_was_unreadable(tmp_path, then):
+    # while a folder cannot be read and no version of it is loaded, its versions are unknown;
+    # the series of those that are gone when it is read again (or removed) must go
+    for version in ("1", "2"):
+        write_host_model(tmp_path, "m", 10, "load: lazy\n", version=version)
+    write_model(tmp_path, "other", 10, "load: lazy\n")
+    runtimes = RuntimeRegistry({"fakehost": HostRuntime(), "fakegpu": GpuRuntime({"cuda:0": FakeGpu()})})
+    manager = ModelManager(Settings(model_repository=tmp_path, memory_margin=0), runtimes,
+                           metrics=Metrics(), devices={HOST: FakeHost(10_000 * MiB), "cuda:0": FakeGpu()})
+    async with serving(manager):
+        assert exported_versions(manager, "m") == {"1", "2"}
+        (tmp_path / "m" / "model.yaml").write_text("runtime: [")  # unreadable
+        await manager.rescan()
+        assert manager.entry("m").reason
+        if then == "removed":
+            shutil.rmtree(tmp_path / "m")
+        else:
+            shutil.rmtree(tmp_path / "m" / "1")
+            shutil.rmtree(tmp_path / "m" / "2")
+            write_host_model(tmp_path, "m", 10, "load: lazy\n", version="3")
+        await manager.rescan()
+        assert exported_versions(manager, "m") == (set() if then == "removed" else {"3"})
+        assert exported_versions(manager, "other") == {"1"}  # an unversioned folder is version 1
 
 
 async def test_a_request_holding_a_retired_entry_is_answered_by_its_successor_and_loads_no_orphan(tmp_path):
