@@ -2,7 +2,8 @@
 
 This is the only module that talks to NVML. GPUs are named as torch names them (``cuda:N``, an
 index into CUDA_VISIBLE_DEVICES) and matched to NVML by UUID, because CUDA's and NVML's device
-orders differ. Host memory honours a cgroup (container) limit when there is one.
+orders differ. Host memory honours a cgroup (container) limit when there is one, and then
+counts the container's working set, as the kubelet does.
 """
 
 from __future__ import annotations
@@ -17,11 +18,26 @@ from .runtime import HOST
 
 log = logging.getLogger(__name__)
 
-#: (limit, usage) files of the container's memory cgroup: v2, then v1 (older nodes); the first
-#: that exists counts. v1 writes "no limit" as a huge number and v2 as "max".
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupFiles:
+    """Where one cgroup version keeps a container's memory limit, its usage, and the statistics
+    whose ``inactive`` line is page cache the kernel reclaims before it kills anything."""
+
+    limit: Path
+    usage: Path
+    stat: Path
+    inactive: str
+
+
+#: the container's memory cgroup: v2, then v1 (older nodes); the first whose limit file exists
+#: counts. v1 writes "no limit" as a huge number and v2 as "max".
 CGROUP_FILES = (
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+    CgroupFiles(Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"),
+                Path("/sys/fs/cgroup/memory.stat"), "inactive_file"),
+    CgroupFiles(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+                Path("/sys/fs/cgroup/memory/memory.stat"), "total_inactive_file"),
 )
 MEMINFO = Path("/proc/meminfo")
 
@@ -68,7 +84,7 @@ class HostMemory(Device):
         limit, usage = _cgroup_memory()
         if limit is not None and limit < total:
             total = limit
-            used = usage or used
+            used = usage if usage is not None else used
         return MemoryReading(total, used, _process_rss())
 
 
@@ -186,11 +202,25 @@ def _meminfo() -> dict[str, int]:
 
 
 def _cgroup_memory() -> tuple[int | None, int | None]:
-    """The container's memory limit and usage, from the first cgroup version whose files exist."""
-    for limit_file, usage_file in CGROUP_FILES:
-        if limit_file.exists():
-            return _read_int(limit_file), _read_int(usage_file)
+    """The container's memory limit and its working set (usage less inactive page cache, as the
+    kubelet counts it before it evicts a pod), from the first cgroup version whose files exist."""
+    for files in CGROUP_FILES:
+        if files.limit.exists():
+            usage = _read_int(files.usage)
+            if usage is not None:
+                usage = max(0, usage - _cgroup_stat(files.stat).get(files.inactive, 0))
+            return _read_int(files.limit), usage
     return None, None
+
+
+def _cgroup_stat(path: Path) -> dict[str, int]:
+    """The ``name value`` lines of a cgroup's memory.stat (empty when it cannot be read)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split() for line in lines)
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
 
 
 def _read_int(path: Path) -> int | None:

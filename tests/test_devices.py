@@ -21,15 +21,18 @@ def cgroup(tmp_path, monkeypatch):
     v2.mkdir()
     v1.mkdir()
     monkeypatch.setattr(devices, "CGROUP_FILES", (
-        (v2 / "memory.max", v2 / "memory.current"),
-        (v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes"),
+        devices.CgroupFiles(v2 / "memory.max", v2 / "memory.current", v2 / "memory.stat", "inactive_file"),
+        devices.CgroupFiles(v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes", v1 / "memory.stat",
+                            "total_inactive_file"),
     ))
     monkeypatch.setattr(devices, "_meminfo", lambda: {"MemTotal": 64 * GiB, "MemAvailable": 40 * GiB})
 
-    def write(version: str, limit: str, usage: str) -> None:
+    def write(version: str, limit: str, usage: str, stat: str | None = None) -> None:
         names = ("memory.max", "memory.current") if version == "v2" else ("memory.limit_in_bytes", "memory.usage_in_bytes")
         for name, text in zip(names, (limit, usage)):
             (tmp_path / version / name).write_text(text + "\n")
+        if stat is not None:
+            (tmp_path / version / "memory.stat").write_text(stat)
     return write
 
 
@@ -44,6 +47,17 @@ def test_a_container_limit_is_the_total_and_its_usage_the_use(cgroup, version):
     cgroup(version, str(2 * GiB), str(GiB // 2))
     reading = HostMemory().read()
     assert (reading.total, reading.used) == (2 * GiB, GiB // 2)
+
+
+@pytest.mark.parametrize("version, key", [("v2", "inactive_file"), ("v1", "total_inactive_file")])
+def test_a_containers_use_is_its_working_set_without_inactive_page_cache(cgroup, version, key):
+    # reading model files fills the page cache, which counts in the usage but is reclaimed before
+    # the container is killed: the kubelet's working set leaves the inactive part out
+    stat = f"anon {GiB}\nactive_file {GiB // 4}\ninactive_file_x 1\n{key} {GiB // 2}\nfile {3 * GiB // 4}\n"
+    cgroup(version, str(4 * GiB), str(2 * GiB), stat)
+    assert HostMemory().read().used == 2 * GiB - GiB // 2
+    cgroup(version, str(4 * GiB), str(GiB // 4), f"{key} {GiB}\n")  # never below zero
+    assert HostMemory().read().used == 0
 
 
 @pytest.mark.parametrize("version, unlimited", [("v2", "max"), ("v1", "9223372036854771712")])
