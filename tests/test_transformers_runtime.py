@@ -559,6 +559,17 @@ def test_generator_batch_equals_single_requests(loaded: dict[str, Any], referenc
     assert texts == [tok.decode(reference.generate(t, 6), skip_special_tokens=True).encode() for t in TEXTS[:3]]
 
 
+def test_generated_texts_come_back_in_the_shape_of_the_texts_sent(loaded: dict[str, Any]) -> None:
+    model = loaded["generator"]
+    column = np.empty((2, 1), dtype=object)
+    column[:, 0] = [TEXTS[0].encode(), TEXTS[1].encode()]
+    flat, shaped = infer(model, text_request(TEXTS[0], TEXTS[1]),
+                         InferRequest([InferInput("text_input", "BYTES", column)]))
+    assert flat["text_output"].shape == (2,) and shaped["text_output"].shape == (2, 1)  # as vLLM's runtime
+    assert shaped["text_output"][:, 0].tolist() == flat["text_output"].tolist()
+    assert shaped["output_ids"].tolist() == flat["output_ids"].tolist()
+
+
 def test_generation_stops_at_eos_and_pads_ids_per_request(hf_repo: HFRepo, reference: Reference,
                                                           tmp_path: Path) -> None:
     # make the third token greedy decoding picks for TEXTS[0] the end-of-sequence token
@@ -577,6 +588,39 @@ def test_generation_stops_at_eos_and_pads_ids_per_request(hf_repo: HFRepo, refer
         assert result["text_output"][0] == tok.decode(greedy[:2], skip_special_tokens=True).encode()
         alone = infer(model, text_request(TEXTS[0]))[0]
         assert alone["output_ids"].tolist() == [greedy[:2]]  # padded to the request's own longest row
+    finally:
+        asyncio.run(model.unload())
+
+
+def test_a_repetition_penalty_leaves_a_batched_rows_padding_out(loaded: dict[str, Any], hf_repo: HFRepo,
+                                                                 reference: Reference, tmp_path: Path) -> None:
+    # a checkpoint whose tokenizer has no padding token pads with end-of-sequence (as GPT-2's):
+    # the penalty must not count a row's left padding as tokens it holds, or it stops later batched
+    import torch
+
+    penalized = infer(loaded["generator"], text_request(TEXTS[0], repetition_penalty=1.3))[0]["output_ids"][0]
+    with torch.inference_mode():  # transformers' own penalty, on the row alone
+        enc = reference.generator_tok([TEXTS[0]], return_tensors="pt")
+        out = reference.generator.generate(**enc, max_new_tokens=6, do_sample=False, repetition_penalty=1.3,
+                                           pad_token_id=reference.generator_tok.pad_token_id)
+    assert penalized.tolist() == out[0, enc["input_ids"].shape[1]:].tolist()
+    eos = int(penalized[2])
+    folder = tmp_path / "pad-eos"
+    shutil.copytree(hf_repo.folder("generator"), folder)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "eos_token_id": eos, "pad_token_id": None}))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token")
+    tokenizer_config["eos_token"] = loaded["generator"].tokenizer.convert_ids_to_tokens(eos)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    model = asyncio.run(TransformersRuntime().load(spec_for(folder, max_new_tokens=6, threads=1), Placement()))
+    try:
+        assert model.pad_id == eos
+        alone = infer(model, text_request(TEXTS[0], repetition_penalty=1.3))[0]["output_ids"].tolist()
+        assert alone == [penalized[:2].tolist()]
+        batched = infer(model, text_request(TEXTS[0], TEXTS[2], repetition_penalty=1.3))[0]["output_ids"]
+        assert [t for t in batched[0].tolist() if t >= 0] == alone[0]
     finally:
         asyncio.run(model.unload())
 

@@ -30,6 +30,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
     StoppingCriteriaList,
 )
 
@@ -554,7 +556,13 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         eos = set() if gen.ignore_eos else self.eos_ids
         watch = StopStrings(len(rows), ids.shape[1], gen.stop, eos, self._decode, gen.min_tokens) if gen.stop else None
         one_per_row = getattr(config, "num_beams", None) in (None, 1)  # beam candidates are rows too
-        extra = {"stopping_criteria": StoppingCriteriaList([watch])} if watch is not None and one_per_row else {}
+        extra: dict[str, Any] = {}
+        if watch is not None and one_per_row:
+            extra["stopping_criteria"] = StoppingCriteriaList([watch])
+        if config.repetition_penalty not in (None, 1.0):  # transformers' own would penalize the padding
+            penalty = _RowRepetitionPenalty(config.repetition_penalty, (mask == 0).sum(dim=1))
+            extra["logits_processor"] = LogitsProcessorList([penalty])
+            config.repetition_penalty = 1.0
         out = self.run_generate(config, gen.seed, input_ids=ids, attention_mask=mask, **extra)
         finished = []
         for index, row in enumerate(out[:, ids.shape[1]:].cpu().tolist()):
@@ -622,7 +630,9 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
                 if name == "text_output":
                     array = np.empty(count, dtype=object)
                     array[:] = value
-                    outputs.append(InferOutput(name, array, "BYTES"))
+                    kind, given, _ = self._layout(request)  # [N, 1] texts are answered [N, 1]
+                    outputs.append(InferOutput(name, array.reshape(given.data.shape) if kind == "text" else array,
+                                               "BYTES"))
                 elif name == "output_ids":
                     width = max((len(r) for r in value), default=0)
                     array = np.full((count, width), -1, dtype=np.int64)
@@ -742,6 +752,24 @@ class TransformersModel(LoadedModel, TextGenerator, TextEmbedder):
         if self._gpu and torch.cuda.is_available():
             empty_gpu_caches(torch)
         log.info("model %s: unloaded", self.label)
+
+
+class _RowRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty over each row's own tokens: a batch's left padding (the
+    first ``padding[row]`` positions) is left out, so a row is penalized as it is alone."""
+
+    def __init__(self, penalty: float, padding: torch.Tensor) -> None:
+        self.penalty = penalty
+        self.padding = padding
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        padding = self.padding.repeat_interleave(input_ids.shape[0] // self.padding.shape[0])  # beams
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # a padding position stands for the row's last token, which the row holds anyway
+        ids = torch.where(positions >= padding[:, None], input_ids, input_ids[:, -1:])
+        score = torch.gather(scores, 1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return scores.scatter(1, ids, score)
 
 
 def _position_offset(model: Any) -> int:
