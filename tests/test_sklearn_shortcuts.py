@@ -266,6 +266,21 @@ def test_a_pipeline_ending_in_trees_and_an_ensemble_of_other_models_get_float64_
     np.testing.assert_array_equal(_served(SKLearnModel(bagging, 0), scaled[:80])["predict"], bagging.predict(scaled[:80]))
 
 
+def test_a_stacking_model_of_trees_that_passes_the_features_through_gets_float64_features():
+    from sklearn.ensemble import StackingClassifier
+    from sklearn.tree import DecisionTreeClassifier, ExtraTreeClassifier
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 4)) * 1.2345678901
+    y = x[:, 0] + 0.3 * x[:, 1] > 0
+    # the final estimator sees the features themselves beside the trees' answers
+    stacking = StackingClassifier([("a", DecisionTreeClassifier(max_depth=2, random_state=0)),
+                                   ("b", ExtraTreeClassifier(max_depth=2, random_state=0))],
+                                  LogisticRegression(), passthrough=True).fit(x, y)
+    np.testing.assert_array_equal(_served(SKLearnModel(stacking, 0), x[:80])["predict_proba"],
+                                  stacking.predict_proba(x[:80]))
+
+
 def test_a_value_beyond_float32_to_a_model_that_computes_in_float32_is_refused():
     from mmserver.errors import InvalidInput
 

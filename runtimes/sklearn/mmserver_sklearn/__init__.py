@@ -206,11 +206,12 @@ def _accepts_missing_values(estimator: Any) -> bool:
 
 
 def _is_trees(estimator: Any) -> bool:
-    """A decision tree, or an ensemble made only of decision trees (forests, gradient boosting)."""
+    """A decision tree, or an ensemble made only of decision trees (forests, gradient boosting);
+    not a stacking model, whose final estimator may see the features themselves (passthrough)."""
     if hasattr(estimator, "tree_"):
         return True
     members = getattr(estimator, "estimators_", None)
-    if members is None:
+    if members is None or hasattr(estimator, "final_estimator_"):
         return False
     flat = np.asarray(members, dtype=object).ravel()
     return flat.size > 0 and all(hasattr(member, "tree_") for member in flat)
