@@ -220,9 +220,10 @@ class ModelManager:
         wait for a load counts against the deadline and the model's ``timeout_s`` too. An entry
         a rollover retired since it was looked up hands the request to its successor."""
         entry = entry.current()
+        deadline = self.deadline(entry, deadline)  # the model's timeout_s counts from now
         batcher = entry.batcher
         if batcher is None or entry.state is not ModelState.READY or entry.yielding is not None:
-            batcher = await self._wait_until_ready_before(entry, self.deadline(entry, deadline))
+            batcher = await self._wait_until_ready_before(entry, deadline)
         if not request.outputs and entry.default_outputs:
             request.outputs = list(entry.default_outputs)
         entry.model.validate(request)  # type: ignore[union-attr]

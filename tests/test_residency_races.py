@@ -652,6 +652,24 @@ async def test_a_models_timeout_bounds_the_wait_for_its_lazy_load(tmp_path, use)
         await use(manager, manager.entry("b"))
 
 
+async def test_a_models_timeout_counts_from_the_request_not_from_the_end_of_its_lazy_load(tmp_path):
+    # timeout_s 0.6: a load of 0.35 s leaves 0.25 s of it, too little for a 0.5 s answer
+    write_model(tmp_path, "b", 100, "load: lazy\ntimeout_s: 0.6\n")
+    class SlowAnswers(GatedRuntime):
+        async def load(self, spec, placement):
+            model = await super().load(spec, placement)
+            model.delay = 0.5  # each infer() takes this long
+            return model
+
+    manager, _, runtime = manager_for(tmp_path, SlowAnswers)
+    async with serving(manager):
+        asyncio.get_running_loop().call_later(0.35, runtime.gate.set)
+        started = time.monotonic()
+        with pytest.raises(InferenceTimeout):
+            await manager.infer(manager.entry("b"), request())
+        assert time.monotonic() - started < 0.75
+
+
 async def test_a_holders_own_deadline_shortens_the_wait_for_a_lazy_load(tmp_path):
     write_model(tmp_path, "b", 100, "load: lazy\n")
     manager, _, runtime = manager_for(tmp_path, GatedRuntime)

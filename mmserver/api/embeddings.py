@@ -100,10 +100,10 @@ async def embeddings(request: Request) -> Response:
         raise InvalidParameter("'dimensions' must be a positive integer", "dimensions")
     manager = manager_of(request)
     entry = openai_entry(manager, doc["model"], EMBEDS_TEXT)
-    own = own_deadline(request)
+    deadline = manager.deadline(entry, own_deadline(request))  # the model's timeout_s counts from now
     started = time.perf_counter()
     try:
-        vectors, tokens = await _embed(request, entry, inputs, dimensions, own)
+        vectors, tokens = await _embed(request, entry, inputs, dimensions, deadline)
     except BaseException as exc:
         return failure_response(entry, started, exc)
     body = {"object": "list", "data": None, "model": entry.name,
@@ -123,15 +123,15 @@ def _document(body: dict[str, Any], vectors: np.ndarray, encoding: str) -> bytes
 
 
 async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs, dimensions: int | None,
-                 own: float | None) -> tuple[np.ndarray, int]:
-    """The embeddings ``[N, D]`` of the inputs and the tokens embedded, before the request's
-    ``own`` deadline and the model's. The model is loaded if need be and held while the parts
+                 deadline: float | None) -> tuple[np.ndarray, int]:
+    """The embeddings ``[N, D]`` of the inputs and the tokens embedded, before ``deadline`` (the
+    request's own or the model's ``timeout_s`` from its arrival, whichever is sooner). The model is loaded if need be and held while the parts
     are made and checked; the parts then run through its queue as any V2 request does (not under
     the hold: an unload drains the queue but waits for every hold, so a part queued by a holder
     would wait for itself)."""
     manager = manager_of(request)
     async with AsyncExitStack() as stack:
-        model = await hold_model(stack, manager, entry, own)
+        model = await hold_model(stack, manager, entry, deadline)
         embedder = as_embedder(model)
         if embedder is None:
             raise InvalidInput(f"model '{entry.key}' does not embed text")
@@ -150,11 +150,11 @@ async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs, d
 
     async def run(part_request: InferRequest) -> InferResponse:
         async with in_flight:
-            return await manager.infer(entry, part_request, own)
+            return await manager.infer(entry, part_request, deadline)
 
     work = gather_all(run(part_request) for part_request in requests)
     with naming("input"):
-        responses = await until_disconnected(work, request.receive, manager.deadline(entry, own))
+        responses = await until_disconnected(work, request.receive, deadline)
     vectors = [response.outputs[0].data for response in responses]
     for part, block, response in zip(parts, vectors, responses):
         if block.ndim != 2 or block.shape[0] != len(part) or type(response.parameters.get(INPUT_TOKENS)) is not int:

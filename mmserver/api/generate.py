@@ -364,9 +364,9 @@ async def _generate(request: Request, stream: bool) -> Any:
         text, values, request_id = _generate_request(await read_json(request))
         if values.get("stream") is True and not stream:
             raise InvalidParameter("'stream' is true: use the generate_stream route for a stream", "stream")
-        own = own_deadline(request, values.pop("timeout", None))
-        generator = await open_generator(stack, manager, entry, own)
-        deadline = manager.deadline(entry, own)
+        # the model's timeout_s counts from now: a lazy load's wait is part of it
+        deadline = manager.deadline(entry, own_deadline(request, values.pop("timeout", None)))
+        generator = await open_generator(stack, manager, entry, deadline)
         sampling = parse_sampling(values, aliases=V2_ALIASES, defaults=generator.generation_defaults)
         if sampling.n != 1:
             raise InvalidParameter("parameter 'n' must be 1 on generate (one text_output)", "n")

@@ -325,11 +325,10 @@ async def _run(request: Request, model: Any, jobs: list[GenerationRequest], stre
     started = time.perf_counter()
     manager = manager_of(request)
     entry = openai_entry(manager, model)
-    own = own_deadline(request)
+    deadline = manager.deadline(entry, own_deadline(request))  # the model's timeout_s counts from now
     stack = AsyncExitStack()
     try:
-        generator = await open_generator(stack, manager, entry, own)
-        deadline = manager.deadline(entry, own)
+        generator = await open_generator(stack, manager, entry, deadline)
         with naming("prompt" if messages is None else "messages"):
             if messages is not None:
                 jobs = [GenerationRequest(generator.chat_prompt(messages), job.params, add_special_tokens=False)
