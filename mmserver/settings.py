@@ -201,6 +201,8 @@ class YamlFileSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         try:
             data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise InvalidInput(f"cannot read settings file {path}: {exc}") from None
         except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"settings file {path} is not valid YAML: {exc}") from None
         if data is not None and not isinstance(data, dict):

@@ -290,6 +290,34 @@ def test_kserve_cluster_serving_runtime():
     assert container["image"] == container_of(one(deployment_docs(), "Deployment"))["image"]
 
 
+#: KServe's own ClusterServingRuntimes (config/runtimes, master of August 2026) that auto-select a format
+#: this runtime serves: name -> (protocol versions, [(format, version, priority)])
+KSERVE_BUILT_IN_RUNTIMES = {
+    "kserve-sklearnserver": (["v1", "v2"], [("sklearn", "1", 1)]),
+    "kserve-xgbserver": (["v1", "v2"], [("xgboost", "2", 1)]),
+    "kserve-mlserver": (["v2"], [("sklearn", "0", 2), ("sklearn", "1", 2), ("xgboost", "1", 2), ("xgboost", "2", 2)]),
+    "kserve-huggingfaceserver": (["v2", "v1"], [("huggingface", "1", 1)]),
+    "kserve-huggingfaceserver-multinode": (["v2", "v1"], [("huggingface", "1", 2)]),
+}
+
+
+def test_kserve_admits_the_runtime_beside_its_built_in_runtimes():
+    # KServe's ClusterServingRuntime webhook (validateServingRuntimePriority) denies a runtime that
+    # auto-selects a format and version an installed runtime of a shared protocol also auto-selects
+    # with the same priority: kubectl apply would fail on any cluster with KServe's defaults
+    spec = one(load_yaml("kserve/cluster-serving-runtime.yaml"), "ClusterServingRuntime")["spec"]
+    for name, (protocols, formats) in KSERVE_BUILT_IN_RUNTIMES.items():
+        if not set(protocols) & set(spec["protocolVersions"]):
+            continue
+        for ours in spec["supportedModelFormats"]:
+            if not ours.get("autoSelect") or ours.get("priority") is None:
+                continue
+            for format_name, version, priority in formats:
+                same_format = ours["name"].lower() == format_name and ours.get("version") == version
+                assert not (same_format and ours["priority"] == priority), (
+                    f"KServe denies it: priority {priority} for {format_name} {version} is also {name}'s")
+
+
 def test_kserve_inference_service_uses_the_runtime():
     isvc = one(load_yaml("kserve/inference-service.yaml"), "InferenceService")
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"

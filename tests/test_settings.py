@@ -420,3 +420,20 @@ def test_missing_or_bad_tls_files_are_a_message_not_a_traceback(capsys, tmp_path
 def test_main_without_command_prints_help(capsys):
     assert main([]) == 2
     assert "serve" in capsys.readouterr().out
+
+
+def test_an_unreadable_config_file_is_a_message_not_a_traceback(capsys, tmp_path, monkeypatch):
+    # a Kubernetes secret mounted with defaultMode 0400 is root's: the image's UID 1000 cannot read it
+    path = yaml_file(tmp_path, "port: 9000\n")
+    read_text = Path.read_text
+
+    def refuse(self: Path, *args, **kwargs) -> str:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert main(["serve", str(tmp_path), "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmserver: cannot read settings file {path}: "), err
+    assert "Permission denied" in err
