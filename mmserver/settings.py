@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import InvalidInput
 from .sizes import Size, parse_size
@@ -176,12 +176,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = init_settings.init_kwargs.get("config") or env_settings().get("config")
+        environment = ServiceLinkFreeEnvironment(settings_cls)
+        config_file = init_settings.init_kwargs.get("config") or environment().get("config")
         if not config_file:
-            return init_settings, env_settings
+            return init_settings, environment
         if not Path(config_file).is_file():
             raise InvalidInput(f"settings file {config_file} does not exist")
-        return init_settings, env_settings, YamlFileSource(settings_cls, Path(config_file))
+        return init_settings, environment, YamlFileSource(settings_cls, Path(config_file))
 
 
 FRACTION = re.compile(r"\d*\.\d+|\d+\.")
@@ -192,6 +193,21 @@ def _fraction(value: float) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"a memory fraction must be in (0, 1], got {value}")
     return value
+
+
+#: what Kubernetes puts in ``<SERVICE>_PORT`` for every Service of a pod's namespace
+SERVICE_LINK = re.compile(r"tcp://.+:\d+")
+
+
+class ServiceLinkFreeEnvironment(EnvSettingsSource):
+    """The ``MMSERVER_*`` environment, less an ``MMSERVER_PORT`` that Kubernetes set: a namespace
+    with a Service named ``mmserver`` gives every pod ``MMSERVER_PORT=tcp://<ip>:<port>``."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        if isinstance(values.get("port"), str) and SERVICE_LINK.fullmatch(values["port"]):
+            del values["port"]
+        return values
 
 
 class YamlFileSource(PydanticBaseSettingsSource):

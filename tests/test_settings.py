@@ -107,6 +107,16 @@ def test_environment_beats_yaml(tmp_path, monkeypatch):
     assert settings.infer_threads == 8  # default
 
 
+def test_a_kubernetes_service_link_in_mmserver_port_is_not_the_port(tmp_path, monkeypatch):
+    # Kubernetes gives every pod of a namespace with a Service named mmserver MMSERVER_PORT=tcp://...
+    monkeypatch.setenv("MMSERVER_PORT", "tcp://10.96.0.12:8080")
+    assert load_settings(config=yaml_file(tmp_path, "port: 9000\n")).port == 9000  # file
+    assert load_settings().port == 8080  # default
+    monkeypatch.setenv("MMSERVER_PORT", "tcp://")  # (not a service link: refused as any bad port)
+    with pytest.raises(InvalidInput, match="port"):
+        load_settings()
+
+
 def test_cli_beats_environment_and_yaml(tmp_path, monkeypatch):
     path = yaml_file(tmp_path, "port: 9000\nhost: 0.0.0.0\nmax_queue: 5\n")
     monkeypatch.setenv("MMSERVER_PORT", "9100")
