@@ -19,7 +19,6 @@ from .runtime import HOST
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class CgroupFiles:
     """Where one cgroup version keeps a container's memory limit, its usage, and the statistics
