@@ -126,9 +126,9 @@ async def _embed(request: Request, entry: ModelEntry, inputs: EmbeddingInputs, d
                  deadline: float | None) -> tuple[np.ndarray, int]:
     """The embeddings ``[N, D]`` of the inputs and the tokens embedded, before ``deadline`` (the
     request's own or the model's ``timeout_s`` from its arrival, whichever is sooner). The model
-    is loaded if need be and held while the parts are made and checked; the parts then run through its queue as any V2 request does (not under
-    the hold: an unload drains the queue but waits for every hold, so a part queued by a holder
-    would wait for itself)."""
+    is loaded if need be and held while the parts are made and checked; the parts then run
+    through its queue as any V2 request does (not under the hold: an unload drains the queue but
+    waits for every hold, so a part queued by a holder would wait for itself)."""
     manager = manager_of(request)
     async with AsyncExitStack() as stack:
         model = await hold_model(stack, manager, entry, deadline)
