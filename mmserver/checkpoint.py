@@ -20,12 +20,15 @@ from .errors import ModelLoadError
 
 CONFIG_FILE = "config.json"
 TORCH_BIN = "pytorch_model.bin"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 #: bytes per element of every safetensors dtype; the floating ones are converted to the run dtype
 ELEMENT_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "C64": 8,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
-FLOAT_KINDS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
+FLOAT_KINDS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0",
+                         "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -78,11 +81,17 @@ def header_tensors(header: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in ELEMENT_BYTES \
-                or not isinstance(entry.get("shape"), list):
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) \
+                or entry["dtype"] not in ELEMENT_BYTES or not _is_shape(entry.get("shape")):
             raise ModelLoadError(f"safetensors entry {name!r} is not a tensor description")
-        tensors.append((entry["dtype"], tuple(int(d) for d in entry["shape"])))
+        tensors.append((entry["dtype"], tuple(entry["shape"])))
     return tensors
+
+
+def _is_shape(value: Any) -> bool:
+    """Whether ``value`` is a list of non-negative integer dimensions."""
+    return isinstance(value, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
 
 
 def weight_bytes(tensors: Iterable[tuple[str, tuple[int, ...]]], run_dtype: str) -> int:
@@ -95,13 +104,29 @@ def weight_bytes(tensors: Iterable[tuple[str, tuple[int, ...]]], run_dtype: str)
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight files: every ``*.safetensors``, else ``pytorch_model*.bin``."""
+    """The checkpoint's weight files: every ``*.safetensors`` (only those its index names when
+    there is one: Mistral's folders also hold the same weights in ``consolidated.safetensors``),
+    else ``pytorch_model*.bin``."""
     if not folder.is_dir():
         return []
     safetensors = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if (folder / SAFETENSORS_INDEX).is_file():
+        indexed = _indexed_files(folder / SAFETENSORS_INDEX)
+        safetensors = [p for p in safetensors if p.name in indexed]
     if safetensors:
         return safetensors
     return sorted(p for p in folder.glob("pytorch_model*.bin") if p.is_file())
+
+
+def _indexed_files(index: Path) -> set[str]:
+    """The file names a sharded checkpoint's index maps its tensors to."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index.name} has no weight_map")
+    return {name for name in weight_map.values() if isinstance(name, str)}
 
 
 def checkpoint_bytes(folder: Path, config: dict[str, Any], run_dtype: str) -> int:

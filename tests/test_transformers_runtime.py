@@ -38,6 +38,8 @@ from mmserver.spec import ModelConfig, ModelSpec  # noqa: E402
 from mmserver.types import InferInput, InferRequest, RequestedOutput  # noqa: E402
 from mmserver_transformers import TransformersRuntime  # noqa: E402
 from mmserver.checkpoint import (  # noqa: E402
+    ELEMENT_BYTES,
+    FLOAT_KINDS,
     checkpoint_bytes,
     header_tensors,
     read_config,
@@ -369,6 +371,43 @@ def test_weight_bytes_from_headers(tmp_path: Path) -> None:
     huge.write_bytes(struct.pack("<Q", 2**40))
     with pytest.raises(ModelLoadError, match="header claims"):
         safetensors_header(huge)
+
+
+def test_every_dtype_safetensors_reads_has_its_element_size() -> None:
+    import safetensors.torch
+    import torch
+    known = {name: dtype for name, dtype in safetensors.torch._TYPES.items() if dtype is not None}
+    assert {name: ELEMENT_BYTES.get(name) for name in known} == \
+        {name: dtype.itemsize for name, dtype in known.items()}
+    assert {name for name in known if known[name].is_floating_point} <= FLOAT_KINDS
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": ["a"]},
+    {"dtype": "F32", "shape": [None]},
+    {"dtype": "F32", "shape": [-4, 2]},
+    {"dtype": "F32", "shape": [1.5]},
+    {"dtype": ["F32"], "shape": [2]},
+])
+def test_a_header_with_a_malformed_tensor_entry_is_refused_with_a_reason(tmp_path: Path, entry: dict) -> None:
+    path = tmp_path / "model.safetensors"
+    raw = json.dumps({"w": {**entry, "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(ModelLoadError, match="'w' is not a tensor description"):
+        header_tensors(safetensors_header(path))
+
+
+def test_the_estimate_of_a_sharded_checkpoint_counts_only_the_files_its_index_names(tmp_path: Path) -> None:
+    # Mistral's repositories hold the sharded checkpoint and the same weights in consolidated.safetensors
+    _write_safetensors(tmp_path / "model-00001-of-00002.safetensors", {"a": ("F32", [10, 10])})
+    _write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"b": ("F32", [5])})
+    _write_safetensors(tmp_path / "consolidated.safetensors", {"a": ("F32", [10, 10]), "b": ("F32", [5])})
+    index = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    assert checkpoint_bytes(tmp_path, {}, "float32") == 105 * 4
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match="model.safetensors.index.json has no weight_map"):
+        checkpoint_bytes(tmp_path, {}, "float32")
 
 
 def test_estimate_is_weights_in_the_run_dtype_plus_allowance(hf_repo: HFRepo) -> None:
