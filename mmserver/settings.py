@@ -117,7 +117,9 @@ class Settings(BaseSettings):
         None, description="Comma-separated origins allowed by CORS ('*' for any); unset: CORS off."
     )
     max_connections: int = Field(
-        2048, ge=1, description="Most connections (and requests in progress) served at once; one more gets 503."
+        2048, ge=1,
+        description="Most connections (and requests in progress) served at once; one more gets 503 (the health "
+        "probes excepted).",
     )
     keep_alive_s: float = Field(5.0, gt=0, description="Close idle keep-alive connections after this long.")
     request_read_timeout_s: float = Field(

@@ -9,8 +9,9 @@ correctly and promptly, even while a fault is in progress.
 
 Rude clients: one that disconnects mid-request, one that trickles its body past
 ``--request-read-timeout-s`` (408, while the server keeps answering others), and idle or
-slow-header connections against a small ``--max-connections`` (the excess gets 503, and normal
-clients are served again once the idle ones close or time out after ``--keep-alive-s``).
+slow-header connections against a small ``--max-connections`` (the excess gets 503, except the
+server's health probes, and normal clients are served again once the idle ones close or time out
+after ``--keep-alive-s``).
 """
 
 from __future__ import annotations
@@ -385,9 +386,18 @@ def test_the_connection_cap_answers_503_and_frees_up_when_idle_clients_leave(cap
     with idle_connections(url, MAX_CONNECTIONS - 1, first_request=False):  # the cap's last one is served
         assert one_request(url) == 200
     with idle_connections(url, MAX_CONNECTIONS, first_request=False):
-        response = send(url, request_bytes("GET", "/v2/health/live", headers={"Connection": "close"}), timeout=5)
+        infer = request_bytes("POST", "/v2/models/iris/infer", httpx.Request("POST", "/", json=infer_body()).read(),
+                              {"Content-Type": "application/json", "Connection": "close"})
+        response = send(url, infer, timeout=5)
+        # a busy server is alive and ready: its probes pass the cap (a refused liveness probe restarts it)
+        probes = [send(url, request_bytes("GET", path, headers={"Connection": "close"}), timeout=5)
+                  for path in ("/v2/health/live", "/v2/health/ready")]
+        models_index = send(url, request_bytes("GET", "/v2/models/iris/ready", headers={"Connection": "close"}),
+                            timeout=5)
     assert response.status == 503, response.body
     assert "connection cap" in response.error() and response.headers.get("retry-after") == "1"
+    assert [probe.status for probe in probes] == [200, 200], [probe.body for probe in probes]
+    assert models_index.status == 503, models_index.body
     wait_until(lambda: one_request(url) == 200, timeout=3, interval=0.1, what="a normal request to succeed")
 
 

@@ -28,6 +28,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from ..codec import encode_json
 
 log = logging.getLogger(__name__)
+#: the server's health probes, answered also beyond the connection cap
+PROBE_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 #: a scope key marking a request the protocol refuses before the application sees it
 _UPGRADE_WITH_BODY = "mmserver.upgrade_with_body"
 
@@ -112,10 +114,11 @@ class RequestDeadlineProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
         """Every response's head leaves with its body (``HeadWithBody``); uvicorn's answer at
         the connection cap (``--max-connections``) and an upgrade request with a body get JSON
-        errors."""
+        errors. The server's health probes pass the cap: a busy server is alive and ready, and
+        a liveness probe refused there would restart it."""
         cycle.transport = HeadWithBody(cycle.transport, self.loop)
         if app is service_unavailable:
-            app = _over_the_connection_cap
+            app = self.app if _is_probe(cycle.scope) else _over_the_connection_cap
         elif _UPGRADE_WITH_BODY in cycle.scope:
             app = _upgrade_with_a_body
         super()._start_asgi_task(cycle, app)
@@ -175,6 +178,11 @@ class HeadWithBody:
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self._transport.get_extra_info(name, default)
+
+
+def _is_probe(scope: Scope) -> bool:
+    """Whether a request is one of the server's health probes (cheap: no model work)."""
+    return scope["method"] in ("GET", "HEAD") and scope["path"] in PROBE_PATHS
 
 
 def _announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
